@@ -1,0 +1,322 @@
+"""The one config tree of megafusion: model / data / objective / parallel / optimizer / training / checkpoint /
+logging.
+
+Plain dataclasses, used as omegaconf structured configs (megafusion.config.loading), so YAML presets and dotlist
+overrides are type-checked and unknown keys are errors. Each section validates itself in __post_init__ with a
+message naming the field and the fix; cross-section checks live in `Config.__post_init__`. The model section is
+turned into megatron's TransformerConfig by megafusion.model.transformer_config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+ATTENTION_BACKENDS = ("auto", "dense", "segmented", "flex", "te")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _choice(section: str, name: str, value, choices) -> None:
+    _check(value in choices, f"{section}.{name}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width d_model."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None = num_attention_heads (multi-head attention)."""
+    ffn_hidden_size: Optional[int] = None
+    """FFN width; None = 4 * hidden_size (GELU) or the 8/3 * hidden_size rounded to 64 (SwiGLU)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None = hidden_size / num_attention_heads."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary (special tokens included); padded up for tensor parallelism."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocabulary is a multiple of this times the tensor-parallel size (megatron's convention)."""
+    normalization: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    activation: str = "swiglu"
+    """swiglu (gated SiLU) or gelu."""
+    add_bias_linear: bool = False
+    """Biases in the attention and FFN linear layers."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of the norms."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and FFN."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (dense backend only)."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    rotary_base: int = 10000
+    """RoPE base over positions of the packed sequence."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the LM head to the token embedding."""
+    latent_channels: int = 4
+    """Channels C of the frozen encoder's latent."""
+    latent_size: int = 16
+    """Height = width of one image's (or frame's) latent grid."""
+    patch_size: int = 2
+    """p: each token is a p x p patch of the latent, patch_dim = C * p * p."""
+    modality_ffn: bool = True
+    """Separate FFN weights for text and image positions (False: one shared FFN, a plain GPT layer)."""
+    timestep_embed_dim: int = 256
+    """Width of the sinusoidal flow-time features fed to the timestep MLP."""
+    attention_backend: str = "auto"
+    """dense | segmented | flex | te | auto (te when Transformer Engine imports on GPU, flex on GPU, else
+    segmented)."""
+    hide_noised_latents: bool = False
+    """BAGEL-style: noised latent positions are invisible to every later position outside their block."""
+    transformer_impl: str = "auto"
+    """local (megatron's torch layers) | transformer_engine | auto (TE when it imports)."""
+
+    def __post_init__(self):
+        s = "model"
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "latent_channels",
+                     "latent_size", "patch_size", "timestep_embed_dim"):
+            _check(getattr(self, name) > 0, f"{s}.{name} must be positive, got {getattr(self, name)}")
+        _check(self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
+               f"{s}.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+               f"{self.num_attention_heads}; set model.kv_channels explicitly")
+        groups = self.num_query_groups or self.num_attention_heads
+        _check(self.num_attention_heads % groups == 0,
+               f"{s}.num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}")
+        _check(self.latent_size % self.patch_size == 0,
+               f"{s}.latent_size={self.latent_size} is not divisible by patch_size={self.patch_size}")
+        _choice(s, "normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        _choice(s, "activation", self.activation, ("swiglu", "gelu"))
+        _choice(s, "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice(s, "transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+
+@dataclass
+class DataConfig:
+    seq_length: int = 256
+    """Packed sequence length S."""
+    paths: List[str] = field(default_factory=list)
+    """Preprocessed dataset prefixes (folders holding manifest.json); empty = generated synthetic data."""
+    weights: List[float] = field(default_factory=list)
+    """Blend weights, one per path (empty = proportional to size)."""
+    valid_fraction: float = 0.02
+    """Fraction of documents held out for validation."""
+    num_workers: int = 1
+    """Background loader processes."""
+    seed: int = 1234
+    """Seed of the data order."""
+    tokenizer_model: Optional[str] = None
+    """SentencePiece .model (only for generation from text prompts)."""
+
+    def __post_init__(self):
+        _check(self.seq_length > 0, f"data.seq_length must be positive, got {self.seq_length}")
+        _check(not self.weights or len(self.weights) == len(self.paths),
+               f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}")
+        _check(all(w >= 0 for w in self.weights), "data.weights must be non-negative")
+        _check(0.0 <= self.valid_fraction < 1.0, f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    loss_weighting: str = "fixed"
+    """fixed: L = ce_weight * L_ce + fm_weight * L_fm; adaptive: EMA-centred weights (docs/objectives.md)."""
+    ce_weight: float = 1.0
+    """lambda_ce for fixed weighting."""
+    fm_weight: float = 1.0
+    """lambda_fm for fixed weighting."""
+    adaptive_alpha: float = 0.5
+    """alpha in (0, 1): importance of CE in the adaptive weighted centre A_k = alpha*L_ce + (1-alpha)*L_fm."""
+    adaptive_mu: float = 0.99
+    """mu in (0, 1): EMA decay of B_k = mu*B_{k-1} + (1-mu)*A_k."""
+    timestep_sampling: str = "uniform"
+    """Flow time t per image/frame: uniform on [0, 1] or logit_normal."""
+    logit_normal_mean: float = 0.0
+    """Mean of the normal before the sigmoid (logit_normal)."""
+    logit_normal_std: float = 1.0
+    """Std of the normal before the sigmoid (logit_normal)."""
+    timestep_shift: float = 1.0
+    """Shift s >= 1 moves t towards noise for large latents: t' = t / (t + s * (1 - t)); 1 = no shift."""
+    cond_dropout: float = 0.1
+    """Probability that an image's text conditioning is dropped (classifier-free guidance training)."""
+
+    def __post_init__(self):
+        s = "objective"
+        _choice(s, "loss_weighting", self.loss_weighting, ("fixed", "adaptive"))
+        _choice(s, "timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
+        _check(0.0 < self.adaptive_alpha < 1.0, f"{s}.adaptive_alpha={self.adaptive_alpha} must be in (0, 1)")
+        _check(0.0 < self.adaptive_mu < 1.0, f"{s}.adaptive_mu={self.adaptive_mu} must be in (0, 1)")
+        _check(self.ce_weight >= 0 and self.fm_weight >= 0, f"{s}.ce_weight and fm_weight must be >= 0")
+        _check(self.timestep_shift >= 1.0, f"{s}.timestep_shift={self.timestep_shift} must be >= 1")
+        _check(self.logit_normal_std > 0, f"{s}.logit_normal_std must be positive")
+        _check(0.0 <= self.cond_dropout < 1.0, f"{s}.cond_dropout={self.cond_dropout} must be in [0, 1)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """TP degree."""
+    pipeline_model_parallel_size: int = 1
+    """PP degree."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved virtual stages per pipeline rank."""
+    expert_model_parallel_size: int = 1
+    """EP degree (MoE)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (GPU with Transformer Engine)."""
+    distributed_backend: str = "auto"
+    """auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks."""
+    overlap_grad_reduce: bool = False
+    """Overlap gradient all-reduce with backward (GPU)."""
+
+    def __post_init__(self):
+        s = "parallel"
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+            _check(getattr(self, name) >= 1, f"{s}.{name} must be >= 1")
+        _choice(s, "distributed_backend", self.distributed_backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate after warmup."""
+    min_lr: float = 1.5e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 1000
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    decay_norms_and_biases: bool = False
+    """Apply weight decay to norm weights and biases."""
+    decay_embeddings: bool = False
+    """Apply weight decay to embeddings."""
+
+    def __post_init__(self):
+        s = "optimizer"
+        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"{s}: need 0 <= min_lr <= lr and lr > 0")
+        _check(self.warmup_steps >= 0, f"{s}.warmup_steps must be >= 0")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{s}.adam_beta1/2 must be in [0, 1)")
+        _check(self.clip_grad >= 0, f"{s}.clip_grad must be >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 4
+    """Sequences per optimizer step over all data-parallel ranks."""
+    train_steps: Optional[int] = 20
+    """Optimizer steps; None = derived from flops_budget."""
+    flops_budget: Optional[float] = None
+    """Total training FLOPs; with train_steps None, steps = budget / FLOPs per step."""
+    seed: int = 1234
+    """Seed of weights, noise and dropout."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    recompute: str = "none"
+    """Activation recompute: none | selective (core attention) | full."""
+    nan_policy: str = "halt"
+    """On NaN/Inf loss or gradients: skip the step or halt."""
+    eval_interval: int = 0
+    """Validation every N steps (0 = off)."""
+    eval_steps: int = 2
+    """Micro-batches per validation."""
+    run_dir: str = "runs/default"
+    """Where metrics, TensorBoard events and the resolved config go."""
+
+    def __post_init__(self):
+        s = "training"
+        _check(self.micro_batch_size >= 1, f"{s}.micro_batch_size must be >= 1")
+        _check(self.global_batch_size % self.micro_batch_size == 0,
+               f"{s}.global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
+               f"{self.micro_batch_size}")
+        _check(self.train_steps is not None or self.flops_budget is not None,
+               f"{s}: set train_steps or flops_budget")
+        _check(self.train_steps is None or self.train_steps >= 0, f"{s}.train_steps must be >= 0")
+        _choice(s, "precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice(s, "recompute", self.recompute, ("none", "selective", "full"))
+        _choice(s, "nan_policy", self.nan_policy, ("skip", "halt"))
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    """Checkpoint root (None = <run_dir>/checkpoints)."""
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Published checkpoints kept; older ones are removed."""
+    load: str = "auto"
+    """auto (resume from save_dir's latest if any) | none | a checkpoint folder."""
+    save_at_end: bool = True
+    """Save once more when training ends."""
+
+    def __post_init__(self):
+        _check(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    """Steps between log lines (stdout and <run_dir>/metrics.jsonl)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <run_dir>/tb."""
+    peak_flops: Optional[float] = None
+    """Per-device peak FLOP/s for MFU; None = H100 bf16 dense on GPU, a GEMM measured at start-up on CPU."""
+
+    def __post_init__(self):
+        _check(self.log_interval >= 1, "logging.log_interval must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        m, p = self.model, self.parallel
+        tp = p.tensor_model_parallel_size
+        _check(m.num_attention_heads % tp == 0,
+               f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+               f"parallel.tensor_model_parallel_size={tp}")
+        groups = m.num_query_groups or m.num_attention_heads
+        _check(groups % tp == 0, f"model.num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
+        _check(m.num_layers % p.pipeline_model_parallel_size == 0,
+               f"model.num_layers={m.num_layers} is not divisible by pipeline_model_parallel_size="
+               f"{p.pipeline_model_parallel_size}")
+        frame = m.patches_per_frame + 2  # BOI + patches + EOI
+        _check(frame <= self.data.seq_length,
+               f"one image needs {frame} positions (model.latent_size/patch_size squared + BOI/EOI) but "
+               f"data.seq_length={self.data.seq_length}; raise data.seq_length or model.patch_size")

@@ -1,0 +1,95 @@
+"""MultimodalTransformerConfig: megatron's TransformerConfig plus the fields of the multimodal model.
+
+`build_transformer_config(cfg)` turns the megafusion config tree (model + parallel + training sections) into
+it; megatron modules read their usual fields, megafusion modules read the extra ones below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megafusion.config.schema import Config
+
+
+@dataclass
+class MultimodalTransformerConfig(TransformerConfig):
+    vocab_size: int = 0
+    """Tokenizer vocabulary before padding."""
+    latent_channels: int = 4
+    """Channels of the frozen encoder's latent."""
+    latent_size: int = 16
+    """Height = width of one image's latent grid."""
+    patch_size: int = 2
+    """Patch side p; patch_dim = latent_channels * p * p."""
+    modality_ffn: bool = True
+    """Separate text and image FFN weights."""
+    timestep_embed_dim: int = 256
+    """Sinusoidal flow-time feature width."""
+    hybrid_attention_backend: str = "segmented"
+    """Resolved backend of megafusion.model.attention (never `auto` here)."""
+    hide_noised_latents: bool = False
+    """Noised latent positions invisible to later positions outside their block."""
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+
+def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
+    if activation == "swiglu":  # keep the parameter count of a 4h GELU FFN, rounded to 64
+        return ((8 * hidden_size // 3) + 63) // 64 * 64
+    return 4 * hidden_size
+
+
+def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True) -> MultimodalTransformerConfig:
+    from megafusion.model.attention.backends import resolve_backend
+
+    m, p = cfg.model, cfg.parallel
+    bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and torch.cuda.is_available())
+    swiglu = m.activation == "swiglu"
+    recompute = {"none": None, "selective": "selective", "full": "full"}[cfg.training.recompute]
+    return MultimodalTransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation),
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        layernorm_epsilon=m.layernorm_epsilon,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=use_cpu_initialization,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        vocab_size=m.vocab_size,
+        latent_channels=m.latent_channels,
+        latent_size=m.latent_size,
+        patch_size=m.patch_size,
+        modality_ffn=m.modality_ffn,
+        timestep_embed_dim=m.timestep_embed_dim,
+        hybrid_attention_backend=resolve_backend(m.attention_backend),
+        hide_noised_latents=m.hide_noised_latents,
+    )
