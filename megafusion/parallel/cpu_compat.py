@@ -1,0 +1,350 @@
+"""The ONLY place where megafusion adapts megatron-core to a CPU-only machine (gloo, no CUDA).
+
+megatron-core 0.16.1 hard-codes CUDA in code paths that are otherwise device-agnostic. Rather than forking those
+paths, `enable_cpu_compat()` installs the adaptations below, once per process, and only when CUDA is absent (on a
+GPU it returns False and touches nothing). Every adaptation names the megatron-core version and the functions it
+targets, and is covered by tests/parallel/test_cpu_compat.py. `disable_cpu_compat()` undoes all of them.
+
+Adaptations (megatron-core 0.16.1):
+
+  A. CudaToCpuMode, a torch.overrides.TorchFunctionMode pushed for the process (main thread; autograd propagates
+     it to its threads): tensor factories and `.to()` called with device='cuda' / 'cuda:N' / torch.device('cuda') /
+     an int device index get device='cpu'; `Tensor.cuda()` returns the CPU tensor; `pin_memory=True` is dropped;
+     `Tensor.record_stream` is a no-op. Targets e.g. pipeline_parallel/schedules.py
+     (`torch.zeros([], device="cuda")` in forward_backward_*), pipeline_parallel/p2p_communication.py
+     (`torch.empty(..., device=torch.cuda.current_device())` in _communicate_shapes/_communicate),
+     distributed/param_and_grad_buffer.py (_ParamAndGradBuffer buffers), optimizer/clip_grads.py, router/experts
+     of transformer/moe, transformer/dot_product_attention.py (DotProductAttention.__init__), grad_scaler.py.
+  B. torch.cuda shims, where a function mode cannot reach because no tensor function is called:
+     torch.cuda.current_device -> 0 (which mode A maps to CPU), torch.cuda.synchronize -> no-op,
+     torch.cuda.Stream / Event / current_stream / stream -> CpuStream / CpuEvent stand-ins whose waits and syncs are
+     no-ops (CPU ops are synchronous). Targets p2p_communication._communicate (torch.cuda.synchronize),
+     MoEAlltoAllTokenDispatcher.__init__ and ._maybe_dtoh_and_synchronize (cuda_dtoh_stream, record_event,
+     d2h_event.synchronize), DistributedDataParallel.__init__ (communication_stream). With these the all-to-all MoE
+     dispatcher runs on CPU (gloo all_to_all_single); the allgather dispatcher needs nothing.
+  C. CpuRNGStatesTracker replaces tensor_parallel.random.CudaRNGStatesTracker (the module-level class name used by
+     initialize_rng_tracker, so model_parallel_cuda_manual_seed creates it): add()/fork() keep named states of the
+     CPU generator, so dropout under get_cuda_rng_tracker().fork() (DotProductAttention.forward, tensor-parallel
+     weight init) is reproducible and distinct per tensor-parallel rank. tensor_parallel.random._get_cuda_rng_state
+     / _set_cuda_rng_state are redirected to the CPU generator so CheckpointFunction (activation recompute) and
+     _get_all_rng_states work.
+  D. Optimizer dtype checks: DistributedOptimizer.__init__ / _build_model_and_main_param_groups and
+     Float16OptimizerWithFloat16Params.__init__ (optimizer/distrib_optimizer.py, optimizer/optimizer.py) accept only
+     `param.type()` in torch.cuda.{Float,Half,BFloat16}Tensor. While those constructors run, mode A reports a CPU
+     tensor's type() as torch.cuda.<Type> (and only then). FP32Optimizer.__init__'s device='cuda' scalar (_scale)
+     and MixedPrecisionOptimizer's found_inf are handled by mode A.
+
+Known limits on CPU: sequence parallelism needs TE/apex norms; flex_attention has no CPU backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+MEGATRON_CORE_VERSION = "0.16.1"
+
+_STATE: Dict[str, Any] = {"enabled": False, "mode": None, "restore": []}
+_LOCAL = threading.local()  # .report_cuda_types: depth of optimizer constructors in progress
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A. device='cuda' -> CPU in tensor factories and moves
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_TENSOR_TYPE = torch.Tensor.type
+_TENSOR_TO = torch.Tensor.to
+_TENSOR_CUDA = torch.Tensor.cuda
+_TENSOR_RECORD_STREAM = torch.Tensor.record_stream
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """megatron-core 0.16.1: every `device="cuda"` / `device=torch.cuda.current_device()` literal (schedules, p2p,
+    grad buffers, optimizers, MoE router/experts, DotProductAttention) lands on the CPU. See the module header."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_cuda_device(device):
+                kwargs = dict(kwargs, device="cpu")
+            if kwargs.get("pin_memory"):
+                kwargs = dict(kwargs, pin_memory=False)
+        else:
+            kwargs = {}
+        if func is _TENSOR_TO:
+            if len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu") + tuple(args[2:])
+        elif func is _TENSOR_CUDA:
+            return args[0]
+        elif func is _TENSOR_RECORD_STREAM:
+            return None
+        elif func is _TENSOR_TYPE and len(args) == 1 and not kwargs and getattr(_LOCAL, "report_cuda_types", 0):
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def reporting_cuda_tensor_types():
+    """Inside this block (and with compat enabled) `cpu_tensor.type()` answers torch.cuda.<Type> (adaptation D)."""
+    _LOCAL.report_cuda_types = getattr(_LOCAL, "report_cuda_types", 0) + 1
+    try:
+        yield
+    finally:
+        _LOCAL.report_cuda_types -= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B. torch.cuda stand-ins
+
+
+class CpuEvent:
+    """Stand-in for torch.cuda.Event on CPU (megatron-core 0.16.1 MoEAlltoAllTokenDispatcher d2h_event): CPU work is
+    synchronous, so recording, waiting and synchronizing are no-ops."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.enable_timing = enable_timing
+
+    def record(self, stream=None):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event) -> float:
+        return 0.0
+
+
+class CpuStream:
+    """Stand-in for torch.cuda.Stream on CPU (megatron-core 0.16.1 MoEAlltoAllTokenDispatcher.cuda_dtoh_stream,
+    DistributedDataParallel communication_stream): one ordered CPU queue, so every wait is a no-op."""
+
+    def __init__(self, device=None, priority: int = 0, **kwargs):
+        self.device = torch.device("cpu")
+        self.priority = priority
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def record_event(self, event: Optional[CpuEvent] = None) -> CpuEvent:
+        return event if event is not None else CpuEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_CURRENT_STREAM = CpuStream()
+
+
+def _current_device() -> int:
+    return 0
+
+
+def _synchronize(device=None) -> None:
+    return None
+
+
+def _current_stream(device=None) -> CpuStream:
+    return _CURRENT_STREAM
+
+
+@contextlib.contextmanager
+def _stream(stream):
+    yield
+
+
+_CUDA_SHIMS: Dict[str, Any] = {
+    "current_device": _current_device,
+    "synchronize": _synchronize,
+    "Stream": CpuStream,
+    "Event": CpuEvent,
+    "current_stream": _current_stream,
+    "stream": _stream,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# C. CPU RNG tracker
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    base = mrandom.__dict__.get("_MEGAFUSION_ORIGINAL_TRACKER", mrandom.CudaRNGStatesTracker)
+
+    class CpuRNGStatesTracker(base):
+        """megatron-core 0.16.1 tensor_parallel.random.CudaRNGStatesTracker with the CPU generator: `add(name, seed)`
+        stores a freshly seeded CPU generator state; `fork(name)` swaps it into torch's default CPU generator, runs
+        the block, saves the advanced state back under `name` and restores the caller's state (nested forks behave
+        as in megatron)."""
+
+        def __init__(self, use_cudagraphable_rng: bool = False, is_inference_rng_tracker: bool = False):
+            if use_cudagraphable_rng:
+                raise ValueError("CUDA-graph-safe RNG is not available on CPU (use_cudagraphable_rng=False)")
+            super().__init__(use_cudagraphable_rng=False, is_inference_rng_tracker=is_inference_rng_tracker)
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                if self._current_state_name != name:
+                    raise Exception(f"current rng state {self._current_state_name} is not the forked state {name}")
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CpuRNGStatesTracker
+
+
+def _get_cpu_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()  # get_rng_state already returns a copy
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def install_cpu_rng_tracker() -> None:
+    """Make megatron's RNG tracker the CPU one (adaptation C); later seeding goes through megatron's own
+    tensor_parallel.model_parallel_cuda_manual_seed. Part of enable_cpu_compat(); callable alone."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if "_MEGAFUSION_ORIGINAL_TRACKER" not in mrandom.__dict__:
+        originals = {
+            "CudaRNGStatesTracker": mrandom.CudaRNGStatesTracker,
+            "_get_cuda_rng_state": mrandom._get_cuda_rng_state,
+            "_set_cuda_rng_state": mrandom._set_cuda_rng_state,
+        }
+        mrandom._MEGAFUSION_ORIGINAL_TRACKER = originals["CudaRNGStatesTracker"]
+
+        def restore():
+            for key, value in originals.items():
+                setattr(mrandom, key, value)
+            del mrandom._MEGAFUSION_ORIGINAL_TRACKER
+            mrandom.initialize_rng_tracker(force_reset=True)
+
+        _STATE["restore"].append(restore)
+        mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+        mrandom._get_cuda_rng_state = _get_cpu_rng_state
+        mrandom._set_cuda_rng_state = _set_cpu_rng_state
+    if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, mrandom.CudaRNGStatesTracker):
+        mrandom.initialize_rng_tracker(force_reset=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D. optimizer constructors
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with reporting_cuda_tensor_types():
+            return fn(*args, **kwargs)
+
+    wrapper._megafusion_wrapped = fn
+    return wrapper
+
+
+def _optimizer_targets() -> List[Tuple[Any, str, bool]]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    return [
+        (DistributedOptimizer, "__init__", False),
+        (DistributedOptimizer, "_build_model_and_main_param_groups", True),  # a staticmethod
+        (Float16OptimizerWithFloat16Params, "__init__", False),
+    ]
+
+
+def _patch_optimizers() -> None:
+    for owner, name, static in _optimizer_targets():
+        original = owner.__dict__[name]
+        fn = original.__func__ if static else original
+        setattr(owner, name, staticmethod(_with_cuda_type_names(fn)) if static else _with_cuda_type_names(fn))
+        _STATE["restore"].append(functools.partial(setattr, owner, name, original))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cpu_compat_enabled() -> bool:
+    return _STATE["enabled"]
+
+
+def enable_cpu_compat(force: bool = False) -> bool:
+    """Install adaptations A-D (see the module header). Idempotent. Returns True when they are active; on a machine
+    with CUDA (and force=False) it does nothing and returns False."""
+    if _STATE["enabled"]:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    for name, shim in _CUDA_SHIMS.items():
+        original = getattr(torch.cuda, name)
+        setattr(torch.cuda, name, shim)
+        _STATE["restore"].append(functools.partial(setattr, torch.cuda, name, original))
+    install_cpu_rng_tracker()
+    _patch_optimizers()
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    _STATE["mode"] = mode
+    _STATE["enabled"] = True
+    return True
+
+
+def disable_cpu_compat() -> None:
+    """Undo enable_cpu_compat (tests; a process that wants plain megatron-core back)."""
+    if not _STATE["enabled"]:
+        return
+    _STATE["mode"].__exit__(None, None, None)
+    _STATE["mode"] = None
+    for restore in reversed(_STATE["restore"]):
+        restore()
+    _STATE["restore"].clear()
+    _STATE["enabled"] = False
