@@ -275,8 +275,12 @@ class CheckpointConfig:
     """auto (resume from save_dir's latest if any) | none | a checkpoint folder."""
     save_at_end: bool = True
     """Save once more when training ends."""
+    load_optimizer: bool = True
+    """Restore optimizer state on load; false loads model weights only (needed when the saved layout's optimizer
+    format cannot be resharded into this run's tp/pp/ep layout; the load fails up front and says so)."""
 
     def __post_init__(self):
+        _check(isinstance(self.load_optimizer, bool), "checkpoint.load_optimizer must be true or false")
         _check(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
 

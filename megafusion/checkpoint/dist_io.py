@@ -1,0 +1,203 @@
+"""Model and optimizer tensors through megatron dist_checkpointing (torch_dist format), and layout compatibility.
+
+    save_sharded(folder, model_chunks, optimizer, optimizer_sharding)      collective
+    load_sharded(folder, model_chunks, optimizer, strict)                   collective
+    optimizer_format(optimizer, optimizer_sharding) -> str                  what a save records
+    check_optimizer_layout(fmt, saved_layout, current_layout, folder)       raises CheckpointLayoutError
+
+The sharded state dict is megatron's: `{"model": chunk.sharded_state_dict()}` for one chunk, or
+`{"model0": ..., "model1": ...}` for virtual-pipeline chunks (each built with its vp rank set), plus
+`{"optimizer": optimizer.sharded_state_dict(model_sd, is_loading, metadata)}`. Wrappers (megatron DDP,
+Float16Module) are unwrapped first. Sharded tensors are keyed by global names and offsets, so model weights load
+into any TP / PP / EP / VP layout: dist_checkpointing reads each rank's slice of the full tensor.
+
+Optimizer state formats (recorded in train_state.pt, checked before anything is loaded):
+  param_space                      a non-distributed megatron optimizer (FP32Optimizer, Float16Optimizer...):
+                                   per-parameter state stored as sharded tensors keyed like the model's, so it
+                                   reshards across TP / PP / EP / DP like the weights.
+  distributed:fully_reshardable    DistributedOptimizer, canonical per-parameter state (megatron 0.16.1 default
+  distributed:fully_sharded_model_space   fully reshardable formats): reshards across every layout.
+  distributed:dp_reshardable       DistributedOptimizer buffers as saved; megatron reshards them across DP only,
+  distributed:dp_zero_gather_scatter      so a changed TP / PP / EP / VP layout is refused up front with
+                                   CheckpointLayoutError naming both layouts and checkpoint.load_optimizer=false.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+
+from megafusion.checkpoint.train_state import ParallelLayout
+
+logger = logging.getLogger(__name__)
+
+PARAM_SPACE = "param_space"
+DISTRIBUTED_PREFIX = "distributed:"
+DEFAULT_DISTRIBUTED_SHARDING = "fully_reshardable"
+FULLY_RESHARDABLE_SHARDINGS = ("fully_reshardable", "fully_sharded_model_space")
+DP_ONLY_SHARDINGS = ("dp_reshardable", "dp_zero_gather_scatter")
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A checkpoint cannot be loaded into the current parallel layout as requested."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+def _unwrap(model_chunks) -> List[torch.nn.Module]:
+    from megatron.core.utils import unwrap_model
+
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if not chunks:
+        raise ValueError("model_chunks is empty: pass the list of model chunks the training loop built")
+    return unwrap_model(chunks)
+
+
+@contextlib.contextmanager
+def _vp_rank(index: Optional[int]) -> Iterator[None]:
+    """Set megatron's virtual pipeline rank while a chunk builds its sharded state dict (restored after)."""
+    if index is None:
+        yield
+        return
+    from megatron.core import parallel_state as ps
+
+    previous = ps.get_virtual_pipeline_model_parallel_rank()
+    ps.set_virtual_pipeline_model_parallel_rank(index)
+    try:
+        yield
+    finally:
+        ps.set_virtual_pipeline_model_parallel_rank(previous)
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """megatron's sharded state dict of every model chunk: {"model": ...} or {"model0": ..., "model1": ...}."""
+    chunks = _unwrap(model_chunks)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    out = {}
+    for i, chunk in enumerate(chunks):
+        with _vp_rank(i):
+            out[f"model{i}"] = chunk.sharded_state_dict()
+    return out
+
+
+def _load_model(model_chunks, loaded: dict, strict: bool) -> None:
+    chunks = _unwrap(model_chunks)
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=strict)
+        return
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"], strict=strict)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer import ChainedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if isinstance(optimizer, ChainedOptimizer):
+        return any(isinstance(o, DistributedOptimizer) for o in optimizer.chained_optimizers)
+    return isinstance(optimizer, DistributedOptimizer)
+
+
+def optimizer_format(optimizer, optimizer_sharding: str = DEFAULT_DISTRIBUTED_SHARDING) -> Optional[str]:
+    """The optimizer-state format a save with this optimizer records (None: no optimizer saved)."""
+    if optimizer is None:
+        return None
+    if not hasattr(optimizer, "sharded_state_dict"):
+        raise TypeError(f"optimizer {type(optimizer).__name__} has no sharded_state_dict(): pass a megatron "
+                        "optimizer (megatron.core.optimizer.get_megatron_optimizer) or optimizer=None")
+    if _is_distributed_optimizer(optimizer):
+        if optimizer_sharding not in FULLY_RESHARDABLE_SHARDINGS + DP_ONLY_SHARDINGS:
+            raise ValueError(f"optimizer_sharding={optimizer_sharding!r} is not one of "
+                             f"{list(FULLY_RESHARDABLE_SHARDINGS + DP_ONLY_SHARDINGS)}")
+        return DISTRIBUTED_PREFIX + optimizer_sharding
+    return PARAM_SPACE
+
+
+def _optimizer_metadata(fmt: str) -> dict:
+    """The metadata megatron's optimizer.sharded_state_dict reads; identical at save and load."""
+    metadata = {"chained_optim_avoid_prefix": True}
+    if fmt.startswith(DISTRIBUTED_PREFIX):
+        metadata["distrib_optim_sharding_type"] = fmt[len(DISTRIBUTED_PREFIX):]
+    return metadata
+
+
+def optimizer_reshardable(fmt: Optional[str], saved: ParallelLayout, current: ParallelLayout) -> bool:
+    """Whether optimizer state saved in format `fmt` under `saved` loads into `current`."""
+    if fmt is None or fmt == PARAM_SPACE:
+        return True
+    sharding = fmt[len(DISTRIBUTED_PREFIX):]
+    if sharding in FULLY_RESHARDABLE_SHARDINGS:
+        return True
+    model_parallel = lambda l: (l.tp, l.pp, l.ep, l.vp or 1)  # noqa: E731
+    return model_parallel(saved) == model_parallel(current)
+
+
+def check_optimizer_layout(fmt: Optional[str], saved: ParallelLayout, current: ParallelLayout,
+                           folder: Path) -> None:
+    """Raise CheckpointLayoutError (before anything is loaded) when the optimizer state cannot be resharded."""
+    if optimizer_reshardable(fmt, saved, current):
+        return
+    raise CheckpointLayoutError(
+        f"checkpoint {folder} was saved with layout {saved.describe()} and optimizer state format {fmt!r}, "
+        f"which megatron-core reshards across data-parallel size only; this run's layout is "
+        f"{current.describe()}. Either run with the saved tp/pp/ep/vp sizes, or set "
+        f"checkpoint.load_optimizer=false to load the model weights (resharded) and start the optimizer "
+        f"state fresh. Save with a fully reshardable format ({', '.join(FULLY_RESHARDABLE_SHARDINGS)}) to "
+        f"avoid this."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def _sharded_state_dict(model_chunks, optimizer, fmt: Optional[str], is_loading: bool) -> dict:
+    state = model_sharded_state_dict(model_chunks)
+    if optimizer is not None and fmt is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                          metadata=_optimizer_metadata(fmt))
+    return state
+
+
+def save_sharded(folder: Path, model_chunks, optimizer=None,
+                 optimizer_sharding: str = DEFAULT_DISTRIBUTED_SHARDING) -> Optional[str]:
+    """Collective: write model (+ optimizer) sharded tensors into `folder` (must exist, empty); returns the
+    optimizer format recorded."""
+    from megatron.core import dist_checkpointing
+
+    fmt = optimizer_format(optimizer, optimizer_sharding)
+    state = _sharded_state_dict(model_chunks, optimizer, fmt, is_loading=False)
+    dist_checkpointing.save(state, str(folder), content_metadata={"megafusion_optimizer_format": fmt})
+    return fmt
+
+
+def load_sharded(folder: Path, model_chunks, optimizer=None, optimizer_fmt: Optional[str] = None,
+                 strict: bool = True) -> None:
+    """Collective: load model weights (and optimizer state when `optimizer` and `optimizer_fmt` are given) from
+    `folder` into the live objects, resharding to the current layout."""
+    from megatron.core import dist_checkpointing
+
+    if optimizer is not None and optimizer_fmt is None:
+        raise ValueError(f"checkpoint {folder} holds no optimizer state; load with load_optimizer=False")
+    if optimizer is not None:
+        current_fmt = optimizer_format(optimizer, _sharding_of(optimizer_fmt))
+        if (current_fmt == PARAM_SPACE) != (optimizer_fmt == PARAM_SPACE):
+            raise CheckpointLayoutError(
+                f"checkpoint {folder} holds optimizer state in format {optimizer_fmt!r} but this run's optimizer "
+                f"is {type(optimizer).__name__} ({current_fmt!r}); match parallel.use_distributed_optimizer to "
+                f"the saved run or set checkpoint.load_optimizer=false")
+    fmt = optimizer_fmt if optimizer is not None else None
+    state = _sharded_state_dict(model_chunks, optimizer, fmt, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(folder))
+    _load_model(model_chunks, loaded, strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _sharding_of(fmt: Optional[str]) -> str:
+    if fmt and fmt.startswith(DISTRIBUTED_PREFIX):
+        return fmt[len(DISTRIBUTED_PREFIX):]
+    return DEFAULT_DISTRIBUTED_SHARDING
+
