@@ -1,0 +1,211 @@
+"""The data loader: config -> resumable, DP-sharded iterators of Batch micro-batches.
+
+    train_iter, valid_iter = build_data_iterators(cfg, dp_rank, dp_size, consumed_samples)
+    batch = next(train_iter)                 # Batch of training.micro_batch_size packed rows
+    train_iter.state_dict()                  # {"consumed_samples": ...} -> pass back on resume
+
+Sources: `data.paths` lists preprocessed dataset folders (indexed.py), split by document into train / valid,
+ordered, packed and blended as described in sampler.py. With `data.paths` empty the rows are generated:
+global sample i of split s is `SyntheticDocuments(seed=(data.seed, s, i)).row()`, so synthetic data is resumable
+and DP-shardable by the same sample indices.
+
+Work split: the main process plans (which documents and token ranges form each row: metadata only, cheap);
+`data.num_workers` background processes (torch DataLoader over `MicroBatchDataset`, indexed by the micro-batch
+plan) read tokens and latents, patchify and collate, so reading long inputs overlaps the training step. With
+num_workers = 0 the same code runs in-process and yields identical batches.
+
+`consumed_samples` counts global samples (all DP ranks) handed to the caller, not those prefetched; it is what a
+checkpoint stores. `valid_iter` is None when there is no validation data; `valid_iter.reset()` restarts it so
+each evaluation can see the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megafusion.config.schema import Config
+from megafusion.data.batch import Batch
+from megafusion.data.blending import BlendIndex
+from megafusion.data.collate import SequenceLayout, collate
+from megafusion.data.indexed import MultimodalDataset
+from megafusion.data.packing import layout_row
+from megafusion.data.sampler import MicroBatchSampler, PackedRowStream, split_documents
+from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
+
+TRAIN, VALID = 0, 1
+
+
+# ---------------------------------------------------------------------- sources (main process: plans)
+class PackedRows:
+    """Blended packed rows of one split over several datasets: sample index -> (dataset id, row plan)."""
+
+    def __init__(self, datasets: Sequence[MultimodalDataset], streams: Sequence[PackedRowStream],
+                 weights: Sequence[float]):
+        self.datasets = list(datasets)
+        self.streams = list(streams)
+        self.blend = BlendIndex(weights)
+
+    def plan(self, index: int):
+        k, row = self.blend.lookup(index)
+        return k, self.streams[k].row(row)
+
+
+class SyntheticRows:
+    """Generated rows: the plan of sample i is i itself; the worker generates the row from (seed, split, i)."""
+
+    def __init__(self, spec: SyntheticSpec, seed: int, split: int):
+        self.spec, self.seed, self.split = spec, seed, split
+
+    def plan(self, index: int):
+        return index
+
+
+# ---------------------------------------------------------------------- worker side: plans -> Batch
+class MicroBatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose keys are micro-batch plans (lists of row plans); returns a collated Batch."""
+
+    def __init__(self, seq_length: int, patch_dim: int, patch_size: int,
+                 datasets: Sequence[MultimodalDataset] = (), synthetic: Optional[SyntheticRows] = None):
+        self.seq_length, self.patch_dim, self.patch_size = seq_length, patch_dim, patch_size
+        self.datasets = list(datasets)
+        self.synthetic = synthetic
+
+    def row(self, plan) -> SequenceLayout:
+        if self.synthetic is not None:
+            s = self.synthetic
+            seed = int(np.random.SeedSequence([s.seed, s.split, int(plan)]).generate_state(1)[0])
+            return SyntheticDocuments(s.spec, seed=seed).row()
+        k, segments = plan
+        return layout_row(self.datasets[k], segments, self.patch_size)
+
+    def __getitem__(self, plans) -> Batch:
+        return collate([self.row(p) for p in plans], self.seq_length, self.patch_dim)
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Endless micro-batch plans of one DP rank, starting after consumed_samples."""
+
+    def __init__(self, source, sampler: MicroBatchSampler):
+        self.source, self.sampler = source, sampler
+
+    def __iter__(self):
+        for indices in self.sampler:
+            yield [self.source.plan(i) for i in indices]
+
+
+def _identity(x):
+    return x
+
+
+class DataIterator:
+    """Iterator of Batch micro-batches with `state_dict()`; background workers when num_workers > 0."""
+
+    def __init__(self, source, dataset: MicroBatchDataset, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int, num_workers: int):
+        self.source, self.dataset = source, dataset
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.num_workers = num_workers
+        self._start(consumed_samples)
+
+    def _start(self, consumed_samples: int) -> None:
+        sampler = MicroBatchSampler(self.micro_batch_size, self.dp_rank, self.dp_size, consumed_samples)
+        self.consumed_samples = consumed_samples
+        self._step = sampler.samples_per_micro_step
+        plans = _PlanSampler(self.source, sampler)
+        if self.num_workers > 0:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=plans,
+                                                 num_workers=self.num_workers, collate_fn=_identity,
+                                                 prefetch_factor=4, persistent_workers=False)
+            self._it: Iterator[Batch] = iter(loader)
+        else:
+            self._it = (self.dataset[p] for p in plans)
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)
+        self.consumed_samples += self._step
+        return batch
+
+    def reset(self, consumed_samples: int = 0) -> None:
+        """Restart at `consumed_samples` (0: the beginning, e.g. before each evaluation)."""
+        self.close()
+        self._start(consumed_samples)
+
+    def close(self) -> None:
+        it = getattr(self, "_it", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+
+# ---------------------------------------------------------------------- building
+def open_datasets(cfg: Config) -> List[MultimodalDataset]:
+    """Open and validate every folder of data.paths; their latent shape must match the model section."""
+    m = cfg.model
+    datasets = []
+    for path in cfg.data.paths:
+        ds = MultimodalDataset(path)
+        c, h, w = ds.latent_shape
+        if (c, h, w) != (m.latent_channels, m.latent_size, m.latent_size):
+            raise ValueError(
+                f"{path}: latent_shape [{c}, {h}, {w}] does not match model.latent_channels={m.latent_channels} "
+                f"and model.latent_size={m.latent_size}; set them to the dataset's encoder output"
+            )
+        datasets.append(ds)
+    return datasets
+
+
+def _packed_sources(cfg: Config, datasets: Sequence[MultimodalDataset]) -> Tuple[PackedRows, Optional[PackedRows]]:
+    d, ppf = cfg.data, cfg.model.patches_per_frame
+    splits = [split_documents(len(ds), d.valid_fraction, d.seed, k) for k, ds in enumerate(datasets)]
+    sources = []
+    for split in (TRAIN, VALID):
+        keep = [k for k in range(len(datasets)) if len(splits[k][split])]
+        if not keep:
+            if split == TRAIN:
+                raise ValueError(f"data.paths: no training documents in {list(d.paths)}")
+            sources.append(None)
+            continue
+        streams = [PackedRowStream(datasets[k], splits[k][split], d.seq_length, ppf, d.seed, k, split) for k in keep]
+        if d.weights:
+            weights = [d.weights[k] for k in keep]
+        else:
+            weights = [s.positions for s in streams]
+        sources.append(PackedRows([datasets[k] for k in keep], streams, weights))
+    return sources[0], sources[1]
+
+
+def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1,
+                         consumed_samples: int = 0) -> Tuple[DataIterator, Optional[DataIterator]]:
+    """(train_iter, valid_iter) of Batch micro-batches of training.micro_batch_size for this DP rank."""
+    t, d, m = cfg.training, cfg.data, cfg.model
+    if t.global_batch_size % (t.micro_batch_size * dp_size):
+        raise ValueError(
+            f"training.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size * dp_size = "
+            f"{t.micro_batch_size} * {dp_size}"
+        )
+    common = dict(seq_length=d.seq_length, patch_dim=m.patch_dim, patch_size=m.patch_size)
+    if not d.paths:
+        spec = SyntheticSpec(vocab_size=m.vocab_size, seq_length=d.seq_length, patch_dim=m.patch_dim,
+                             patches_per_frame=m.patches_per_frame)
+        train_src, valid_src = SyntheticRows(spec, d.seed, TRAIN), SyntheticRows(spec, d.seed, VALID)
+        train_ds = MicroBatchDataset(synthetic=train_src, **common)
+        valid_ds = MicroBatchDataset(synthetic=valid_src, **common)
+    else:
+        datasets = open_datasets(cfg)
+        train_src, valid_src = _packed_sources(cfg, datasets)
+        train_ds = MicroBatchDataset(datasets=train_src.datasets, **common)
+        valid_ds = MicroBatchDataset(datasets=valid_src.datasets, **common) if valid_src else None
+    train = DataIterator(train_src, train_ds, t.micro_batch_size, dp_rank, dp_size, consumed_samples, d.num_workers)
+    valid = None
+    if valid_src is not None and d.valid_fraction > 0:
+        valid = DataIterator(valid_src, valid_ds, t.micro_batch_size, dp_rank, dp_size, 0, d.num_workers)
+    return train, valid

@@ -1,0 +1,162 @@
+"""Packing: a stream of documents -> rows of exactly seq_length positions, and a planned row -> SequenceLayout.
+
+Packing is split in two so the expensive half can run in loader workers:
+
+1. `RowPlanner` (main process, metadata only) consumes document ids in stream order and emits *row plans*: an
+   int64 array [n_segments, 4] of (document, token_start, token_end, first_frame). It is a greedy state machine:
+     - a document's positions are its tokens with every FRAME expanded to `patches_per_frame` patch positions;
+     - text is packed back to back; a text run that does not fit is cut, and its remainder continues in the
+       next row as a new document segment (it cannot see its earlier part: context starts at the segment);
+     - a frame (one image or one video frame) is never split: when it does not fit, the current row is closed
+       (its tail becomes padding) and the frame starts the next row, taking its directly preceding BOI with it;
+     - a cut that would fall exactly between a BOI and its frame moves before the BOI instead.
+   The plan is a pure function of the document stream, so the same stream gives the same rows on every rank,
+   in every worker and after a resume.
+2. `layout_row` (worker) reads the planned token ranges and frames, patchifies all frames of the row in one
+   vectorised call and returns the `SequenceLayout` that `collate` turns into the Batch contract.
+
+`patchify` cuts [F, C, H, W] latents into p x p patches in raster order, each patch vector (C, p, p) flattened:
+[F, (H/p)*(W/p), C*p*p]; `unpatchify` is its inverse.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+
+from megafusion.data.collate import FramePart, Part, SequenceLayout, TextPart
+from megafusion.data.indexed import MultimodalDataset, to_float32
+
+SEGMENT_FIELDS = ("document", "token_start", "token_end", "first_frame")
+
+
+def patchify(latents: np.ndarray, p: int) -> np.ndarray:
+    """[F, C, H, W] -> [F, (H/p)*(W/p), C*p*p], patches in raster order, patch vector (C, p, p) flattened."""
+    f, c, h, w = latents.shape
+    if h % p or w % p:
+        raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={p}")
+    x = latents.reshape(f, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(x).reshape(f, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(patches: np.ndarray, p: int, channels: int, height: int, width: int) -> np.ndarray:
+    """Inverse of patchify: [F, (H/p)*(W/p), C*p*p] -> [F, C, H, W]."""
+    f = patches.shape[0]
+    x = patches.reshape(f, height // p, width // p, channels, p, p).transpose(0, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(x).reshape(f, channels, height, width)
+
+
+class RowPlanner:
+    """Greedy packer over document ids of one dataset; `add(doc)` may complete rows, `rows` collects them."""
+
+    def __init__(self, dataset: MultimodalDataset, seq_length: int, patches_per_frame: int):
+        if patches_per_frame + 1 > seq_length:
+            raise ValueError(
+                f"one frame needs {patches_per_frame} positions plus its BOI but data.seq_length={seq_length}; "
+                f"raise data.seq_length or model.patch_size"
+            )
+        self.dataset = dataset
+        self.seq_length = seq_length
+        self.ppf = patches_per_frame
+        self.rows: List[np.ndarray] = []  # completed row plans, [n_segments, 4] int64 each
+        self.fill = 0  # positions used in the open row
+        self._segments: List[tuple] = []
+
+    def _close(self) -> None:
+        self.rows.append(np.array(self._segments, dtype=np.int64).reshape(-1, 4))
+        self._segments = []
+        self.fill = 0
+
+    def _put(self, doc: int, start: int, end: int, first_frame: int, cost: int) -> None:
+        self._segments.append((doc, start, end, first_frame))
+        self.fill += cost
+
+    def add(self, doc: int) -> None:
+        """Append document `doc` to the packed stream."""
+        S, ppf = self.seq_length, self.ppf
+        n = int(self.dataset.token_lengths[doc])
+        if self.dataset.frame_counts[doc] == 0:  # text only: fill, cut, continue
+            pos = 0
+            while pos < n:
+                take = min(n - pos, S - self.fill)
+                self._put(doc, pos, pos + take, 0, take)
+                pos += take
+                if self.fill == S:
+                    self._close()
+            return
+        frames, boi = self.dataset.frame_positions(doc)  # validates the FRAME count
+        nf = len(frames)
+        pos, j = 0, 0
+        while pos < n:
+            room = S - self.fill
+            end, cost, k, full = pos, 0, j, False
+            while True:
+                nxt = int(frames[k]) if k < nf else n  # the next frame token (or the document end)
+                if cost + (nxt - end) >= room:  # text fills the row
+                    end += room - cost
+                    cost, full = room, True
+                    if k < nf and end == nxt and boi[k] and end - 1 >= pos:  # do not strand the BOI
+                        end, cost = end - 1, cost - 1
+                    break
+                cost += nxt - end
+                end = nxt
+                if k == nf:
+                    break
+                if cost + ppf > room:  # the frame does not fit: it opens the next row, with its BOI
+                    if boi[k] and end - 1 >= pos:
+                        end, cost = end - 1, cost - 1
+                    full = True
+                    break
+                cost += ppf
+                end += 1
+                k += 1
+                if cost == room:
+                    full = True
+                    break
+            if end == pos:
+                if self.fill == 0:
+                    raise ValueError(f"{self.dataset.folder}: document {doc}: a frame of {ppf} patches does not fit "
+                                     f"in an empty row of {S} positions")
+                self._close()
+                continue
+            self._put(doc, pos, end, j, cost)
+            pos, j = end, k
+            if full:
+                self._close()
+
+    def flush(self) -> None:
+        """Close the open row (its tail becomes padding); used at the end of a finite stream."""
+        if self._segments:
+            self._close()
+
+
+def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) -> SequenceLayout:
+    """Read one planned row: each segment becomes a document of TextParts and FrameParts (patchified)."""
+    frame_token = dataset.frame_token
+    tokens, frame_at, raw = [], [], []
+    for doc, start, end, first in plan.tolist():
+        toks = dataset.tokens(doc, start, end)
+        at = np.flatnonzero(toks == frame_token)
+        tokens.append(toks)
+        frame_at.append(at)
+        if len(at):
+            raw.append(dataset.frames_raw(doc, first, len(at)))
+    if raw:
+        stored = np.concatenate(raw) if len(raw) > 1 else raw[0]
+        patches = patchify(to_float32(stored, dataset.latent_dtype), patch_size)  # [F, ppf, patch_dim]
+    layout = SequenceLayout()
+    f = 0
+    for toks, at in zip(tokens, frame_at):
+        parts: List[Part] = []
+        prev = 0
+        for a in at.tolist():
+            if a > prev:
+                parts.append(TextPart(toks[prev:a]))
+            parts.append(FramePart(patches[f]))
+            f += 1
+            prev = a + 1
+        if prev < len(toks):
+            parts.append(TextPart(toks[prev:]))
+        layout.documents.append(parts)
+    return layout
