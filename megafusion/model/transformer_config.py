@@ -33,10 +33,30 @@ class MultimodalTransformerConfig(TransformerConfig):
     """Resolved backend of megafusion.model.attention (never `auto` here)."""
     hide_noised_latents: bool = False
     """Noised latent positions invisible to later positions outside their block."""
+    rotary_base: float = 10000
+    """RoPE base over positions 0..s-1 of the packed sequence."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocabulary is a multiple of this times tensor_model_parallel_size (megatron's convention)."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the LM head to the token embedding."""
+    transformer_impl: str = "local"
+    """local (megatron's torch layers) or transformer_engine; resolved from model.transformer_impl (never auto)."""
 
     @property
     def patch_dim(self) -> int:
         return self.latent_channels * self.patch_size**2
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tensor_model_parallel_size."""
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, self.tensor_model_parallel_size)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Megatron's convention: pad the vocabulary so every tensor-parallel shard has the same multiple of
+    `divisible_by` rows."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
@@ -92,4 +112,26 @@ def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True
         timestep_embed_dim=m.timestep_embed_dim,
         hybrid_attention_backend=resolve_backend(m.attention_backend),
         hide_noised_latents=m.hide_noised_latents,
+        rotary_base=m.rotary_base,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+        transformer_impl=resolve_transformer_impl(m.transformer_impl),
     )
+
+
+def resolve_transformer_impl(name: str) -> str:
+    """model.transformer_impl -> local | transformer_engine (auto: TE when it imports and CUDA is present)."""
+    from megafusion.model.attention.backends import transformer_engine_available
+
+    if name == "local":
+        return "local"
+    if name == "transformer_engine":
+        if not transformer_engine_available():
+            raise ImportError(
+                "model.transformer_impl=transformer_engine needs transformer-engine (pip install "
+                "transformer-engine[pytorch] on a CUDA machine); use model.transformer_impl=local"
+            )
+        return "transformer_engine"
+    if name == "auto":
+        return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
+    raise ValueError(f"model.transformer_impl={name!r} is not one of auto, local, transformer_engine")

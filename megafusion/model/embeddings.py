@@ -1,0 +1,117 @@
+"""MultimodalEmbedding: a packed Batch -> the transformer's input hidden states [s, b, h].
+
+- text positions: megatron's VocabParallelEmbedding over the padded vocabulary (config.padded_vocab_size:
+  vocab_size rounded up to make_vocab_size_divisible_by * TP), as in megatron's LanguageModelEmbedding;
+- latent positions: a linear patch embedding patch_dim -> h of Batch.noisy_latents, written over the placeholder
+  token's embedding; at noised positions (Batch.noised) a flow-time embedding of Batch.latent_t is added
+  (sinusoidal features of 1000 * t -> Linear -> SiLU -> Linear, as in DiT).
+
+Positions carry no absolute embedding: RoPE over 0..s-1 of the packed sequence is applied in attention.
+`latent_rows(layout)` maps Batch latent rows (row-major (b, s) order) to rows of hidden states flattened
+sequence-first to [s*b, h]; the velocity head uses the same map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+from megafusion.data.batch import MODALITY_IMAGE, Batch
+from megafusion.model.attention.layout import AttentionLayout
+
+
+def latent_rows(layout: AttentionLayout) -> torch.Tensor:
+    """[N] indices into [s*b] (sequence-first) of the latent positions, in Batch latent-row order."""
+
+    def build():
+        b = layout.batch_size
+        bi, si = torch.nonzero(layout.modality == MODALITY_IMAGE, as_tuple=True)  # row-major (b, s) order
+        return si * b + bi
+
+    return layout.cached("latent_rows", build)
+
+
+def noised_latent_rows(layout: AttentionLayout) -> torch.Tensor:
+    """[N] bool: which latent rows are noised (carry z_t rather than clean conditioning latents)."""
+    return layout.cached("noised_latent_rows", lambda: layout.noised[layout.modality == MODALITY_IMAGE])
+
+
+def make_linear(config, in_features: int, out_features: int, bias: bool = True) -> torch.nn.Linear:
+    """A replicated (not tensor-parallel) linear layer in the config's dtype, initialised by config.init_method."""
+    device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+    linear = torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=config.params_dtype)
+    if config.perform_initialization:
+        with torch.no_grad():
+            config.init_method(linear.weight)
+            if bias:
+                linear.bias.zero_()
+    return linear
+
+
+def sinusoidal_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[N] flow times in [0, 1] -> [N, dim] cos/sin features of 1000 * t (fp32)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = 1000.0 * t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        features = torch.nn.functional.pad(features, (0, 1))
+    return features
+
+
+class TimestepEmbedding(MegatronModule):
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.dim = config.timestep_embed_dim
+        self.linear_1 = make_linear(config, self.dim, config.hidden_size)
+        self.linear_2 = make_linear(config, config.hidden_size, config.hidden_size)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """[N] -> [N, h]"""
+        x = sinusoidal_features(t, self.dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(torch.nn.functional.silu(self.linear_1(x)))
+
+
+class MultimodalEmbedding(MegatronModule):
+    def __init__(self, config, vocab_size: int, tp_group: Optional[torch.distributed.ProcessGroup] = None):
+        super().__init__(config=config)
+        if config.sequence_parallel:
+            raise ValueError(
+                "MultimodalEmbedding does not scatter to sequence-parallel regions; set "
+                "parallel.sequence_parallel=false"
+            )
+        self.vocab_size = vocab_size
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            num_embeddings=vocab_size,
+            embedding_dim=config.hidden_size,
+            init_method=config.embedding_init_method,
+            reduce_scatter_embeddings=False,
+            config=config,
+            tp_group=tp_group,
+        )
+        self.patch_embed = make_linear(config, config.patch_dim, config.hidden_size)
+        self.timestep_embed = TimestepEmbedding(config)
+        self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
+
+    def forward(self, batch: Batch, layout: AttentionLayout) -> torch.Tensor:
+        """-> [s, b, h]"""
+        if batch.noisy_latents.shape[-1] != self.config.patch_dim:
+            raise ValueError(
+                f"Batch.noisy_latents has patch_dim {batch.noisy_latents.shape[-1]} but the model expects "
+                f"model.latent_channels * model.patch_size**2 = {self.config.patch_dim}"
+            )
+        b, s = batch.tokens.shape
+        text = self.word_embeddings(batch.tokens).transpose(0, 1).contiguous()  # [s, b, h]
+        h = text.shape[-1]
+        latents = self.patch_embed(batch.noisy_latents.to(self.patch_embed.weight.dtype))  # [N, h]
+        noised = noised_latent_rows(layout).unsqueeze(1).to(latents.dtype)
+        latents = latents + self.timestep_embed(batch.latent_t) * noised
+        # every branch runs even with N = 0, so all parameters take part in every step on every rank
+        embeddings = text.view(s * b, h).index_copy(0, latent_rows(layout), latents.to(text.dtype)).view(s, b, h)
+        if self.config.fp32_residual_connection:
+            embeddings = embeddings.float()
+        return self.embedding_dropout(embeddings)

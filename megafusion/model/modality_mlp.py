@@ -1,0 +1,128 @@
+"""ModalityMLP: the FFN slot of a transformer layer with separate weights per modality (text, image).
+
+Each modality's rows of the hidden states are gathered, run through that modality's own FFN, and scattered back:
+
+    hidden [s, b, h] -> flat [s*b, h] -> text rows  [n_text, 1, h] -> text FFN  -> [n_text, h] \\
+                                      -> image rows [n_img, 1, h]  -> image FFN -> [n_img, h]  -> [s, b, h]
+
+Which rows belong to which modality comes from the AttentionLayout (`modality_rows`, cached once per batch), which
+MultimodalTransformerLayer hands to the MLP through megatron's `padding_mask` channel (so it also survives
+megatron's MLP recompute, a functools.partial closure). A modality's submodule is any megatron module built from a
+ModuleSpec that returns (output, bias): a megatron MLP today, megatron's MoE layer tomorrow. Submodules receive
+their rows as a [n, 1, h] sequence and a [1, n] padding mask (True = padding) for MoE routing statistics.
+Every submodule runs on every micro-batch, even on zero rows, so collectives inside it (TP, EP) and gradient
+hooks fire identically on all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megafusion.data.batch import MODALITY_IMAGE, MODALITY_TEXT
+from megafusion.model.attention.layout import AttentionLayout
+
+
+@dataclass
+class ModalityMLPSubmodules:
+    text: ModuleSpec
+    """FFN of text (and padding) positions."""
+    image: ModuleSpec
+    """FFN of latent (image / video frame) positions."""
+
+
+def _mlp_kwargs(spec, pg_collection: ProcessGroupCollection) -> dict:
+    """The process-group argument each megatron FFN kind expects (mirrors TransformerLayer.__init__)."""
+    from megatron.core.extensions.transformer_engine import TEFusedMLP
+    from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, TEGroupedMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    module = spec.module if isinstance(spec, ModuleSpec) else spec
+    if module in (MoELayer, GroupedMLP, TEGroupedMLP, SequentialMLP):
+        return {"pg_collection": pg_collection}
+    if module is MLP or (TEFusedMLP is not None and module is TEFusedMLP):
+        return {"tp_group": pg_collection.tp}
+    return {}
+
+
+class ModalityMLP(MegatronModule):
+    def __init__(
+        self,
+        config,
+        submodules: ModalityMLPSubmodules,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.text = build_module(submodules.text, config=config, **_mlp_kwargs(submodules.text, pg_collection))
+        self.image = build_module(submodules.image, config=config, **_mlp_kwargs(submodules.image, pg_collection))
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Forwarded to submodules that track it (megatron's MoE layer)."""
+        for module in (self.text, self.image):
+            if hasattr(module, "set_layer_number"):
+                module.set_layer_number(layer_number)
+
+    def branches(self):
+        return ((MODALITY_TEXT, self.text), (MODALITY_IMAGE, self.image))
+
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: Optional[AttentionLayout] = None, **kwargs
+    ) -> Tuple[torch.Tensor, None]:
+        """hidden_states [s, b, h] and the batch's AttentionLayout (in `padding_mask`) -> ([s, b, h], None)."""
+        layout = padding_mask
+        if not isinstance(layout, AttentionLayout):
+            raise TypeError(
+                "ModalityMLP needs the batch's AttentionLayout in its padding_mask argument (got "
+                f"{type(layout).__name__}); build layers with MultimodalTransformerLayer (megafusion/model/specs.py), "
+                "which routes it there"
+            )
+        s, b, h = hidden_states.shape
+        if layout.seq_length * layout.batch_size != s * b:
+            raise ValueError(
+                f"ModalityMLP: hidden states [{s}, {b}, {h}] do not match the AttentionLayout [b={layout.batch_size}, "
+                f"s={layout.seq_length}] (sequence parallelism is not supported by the modality FFN)"
+            )
+        flat = hidden_states.reshape(s * b, h)
+        outputs = []
+        for modality, module in self.branches():
+            rows = layout.modality_rows(modality)
+            x = flat.index_select(0, rows).unsqueeze(1)  # [n, 1, h]
+            out, bias = module(x, padding_mask=_row_padding(layout, modality).unsqueeze(0))
+            if bias is not None:
+                out = out + bias
+            outputs.append(out.reshape(-1, out.shape[-1]))
+        # one gather puts the concatenated branch outputs back in [s*b] order
+        merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout))
+        return merged.view(s, b, -1), None
+
+
+def _row_padding(layout: AttentionLayout, modality: int) -> torch.Tensor:
+    """[n] bool, True at padding positions among `modality`'s rows (MoE routing ignores them)."""
+
+    def build():
+        invalid = (~layout.valid).transpose(0, 1).reshape(-1)
+        return invalid.index_select(0, layout.modality_rows(modality))
+
+    return layout.cached(f"modality_mlp_padding_{modality}", build)
+
+
+def _inverse_permutation(layout: AttentionLayout) -> torch.Tensor:
+    """Index that maps cat(text rows, image rows) back to sequence-first [s*b] order."""
+
+    def build():
+        order = torch.cat([layout.modality_rows(MODALITY_TEXT), layout.modality_rows(MODALITY_IMAGE)])
+        if order.numel() != layout.seq_length * layout.batch_size:
+            raise ValueError("AttentionLayout.modality has values other than MODALITY_TEXT / MODALITY_IMAGE")
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return inverse
+
+    return layout.cached("modality_mlp_inverse", build)

@@ -1,0 +1,132 @@
+"""Layer specs of the multimodal transformer: megatron ModuleSpecs, local (torch) or Transformer Engine.
+
+`get_layer_spec(config, use_te)` follows megatron's get_gpt_layer_local_spec /
+get_gpt_layer_with_transformer_engine_spec, with three changes:
+
+- the layer is MultimodalTransformerLayer and the attention MultimodalSelfAttention (they carry the AttentionLayout
+  to the FFN and through recompute; megafusion/model/transformer_layer.py);
+- core attention is HybridCoreAttention (causal text, bidirectional visual blocks; megafusion/model/attention);
+- with `config.modality_ffn`, the MLP slot is a ModalityMLP holding one FFN spec per modality. The pre-FFN norm
+  stays shared (one `pre_mlp_layernorm`, also with TE, where it is a TENorm before a plain TE column-parallel fc1),
+  so local and TE checkpoints keep the same parameter names. `get_modality_mlp_spec(..., image=<spec>)` lets a
+  caller swap one modality's FFN for another spec, e.g. megatron's MoE layer spec.
+
+Transformer Engine modules are imported only when `use_te` is True.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from megafusion.model.attention.core_attention import HybridCoreAttention
+from megafusion.model.modality_mlp import ModalityMLP, ModalityMLPSubmodules
+from megafusion.model.transformer_layer import MultimodalSelfAttention, MultimodalTransformerLayer
+
+
+class _Backend:
+    """The modules of one implementation (local torch layers, or Transformer Engine)."""
+
+    def __init__(self, config, use_te: bool):
+        rms = config.normalization == "RMSNorm"
+        if config.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"model.normalization={config.normalization!r}: use RMSNorm or LayerNorm")
+        self.use_te = use_te
+        if use_te:
+            try:
+                from megatron.core.extensions.transformer_engine import (
+                    TEColumnParallelLinear,
+                    TELayerNormColumnParallelLinear,
+                    TENorm,
+                    TERowParallelLinear,
+                )
+            except ImportError as error:  # pragma: no cover - depends on the machine
+                raise ImportError(
+                    "model.transformer_impl=transformer_engine needs transformer-engine "
+                    "(pip install transformer-engine[pytorch] on a CUDA machine); use model.transformer_impl=local "
+                    "instead"
+                ) from error
+            if TENorm is None or TELayerNormColumnParallelLinear is None:
+                raise ImportError("transformer-engine did not import; use model.transformer_impl=local")
+            self.norm = TENorm
+            self.column = TEColumnParallelLinear
+            self.norm_column = TELayerNormColumnParallelLinear
+            self.row = TERowParallelLinear
+        else:
+            local = LocalSpecProvider()
+            self.norm = local.layer_norm(rms_norm=rms, for_qk=False)
+            self.column = local.column_parallel_linear()
+            self.norm_column = None
+            self.row = local.row_parallel_linear()
+
+
+def get_mlp_spec(config, use_te: bool, fuse_norm: bool = False) -> ModuleSpec:
+    """A dense megatron MLP (SwiGLU or GELU from config). `fuse_norm` (TE only): fc1 carries the pre-FFN norm."""
+    backend = _Backend(config, use_te)
+    fc1 = backend.norm_column if (use_te and fuse_norm) else backend.column
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=backend.row))
+
+
+def get_modality_mlp_spec(config, use_te: bool, text: Optional[ModuleSpec] = None,
+                          image: Optional[ModuleSpec] = None) -> ModuleSpec:
+    """ModalityMLP with one FFN per modality; each defaults to a dense MLP without a fused norm."""
+    return ModuleSpec(
+        module=ModalityMLP,
+        submodules=ModalityMLPSubmodules(
+            text=text if text is not None else get_mlp_spec(config, use_te),
+            image=image if image is not None else get_mlp_spec(config, use_te),
+        ),
+    )
+
+
+def get_layer_spec(config, use_te: bool, mlp: Optional[ModuleSpec] = None) -> ModuleSpec:
+    """ModuleSpec of one MultimodalTransformerLayer. `mlp` overrides the FFN slot (default from config)."""
+    backend = _Backend(config, use_te)
+    modality = bool(getattr(config, "modality_ffn", False))
+    if mlp is None:
+        mlp = get_modality_mlp_spec(config, use_te) if modality else get_mlp_spec(config, use_te, fuse_norm=True)
+    fused_mlp_norm = use_te and isinstance(mlp, ModuleSpec) and mlp.module is MLP and (
+        mlp.submodules.linear_fc1 is backend.norm_column)
+
+    if use_te:
+        input_layernorm = IdentityOp
+        linear_qkv = backend.norm_column
+        keys_map = {}
+    else:
+        input_layernorm = backend.norm
+        linear_qkv = backend.column
+        # local checkpoints use TE's names for the norms fused into TE linears (as megatron's local GPT spec)
+        keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+        if mlp.module is MLP:
+            keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+
+    return ModuleSpec(
+        module=MultimodalTransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_layernorm,
+            self_attention=ModuleSpec(
+                module=MultimodalSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=linear_qkv,
+                    core_attention=HybridCoreAttention,
+                    linear_proj=backend.row,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if fused_mlp_norm else backend.norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
