@@ -1,0 +1,149 @@
+"""NaN / Inf guard: every rank agrees, in the same step, whether the step's losses and gradient norm are finite.
+
+    guard = NanGuard(policy=cfg.training.nan_policy)       # "skip" or "halt"
+    for step in ...:
+        losses = forward_backward(...)                      # {"ce": ..., "fm": ..., "aux": ...} (this rank's view)
+        optimizer.prepare_grads()                           # megatron: main grads ready, nothing applied yet
+        grad_norm = optimizer.get_grad_norm()               # before any update
+        if not guard.check(step, losses, grad_norm):        # collective; raises NonFiniteError under "halt"
+            continue                                        # skipped: no update, no EMA / scheduler step, no save
+        optimizer.step()                                    # clips and applies the update
+        ... scheduler.step(); weighting.update(...); maybe save_checkpoint(..., nan_guard=guard)
+
+`check_finite(loss_values, grad_norm, group)` is the collective primitive: one all-reduce (MAX) of a single flag
+per call, so every rank takes the same branch; only when some rank saw a non-finite value does a second round
+(all_gather_object) collect which ranks and which terms, for the message. Ranks may pass different loss terms
+(with pipeline parallelism only the last stage has losses; others pass {}), and any term may be a python float or
+a tensor of any shape.
+
+Policies:
+  skip  the update is not applied: the loop must not call optimizer.step(), not advance the LR scheduler, not
+        update the loss-weighting EMA (a NaN would poison it); the step counter and data position do advance (the
+        bad batch is consumed, not replayed). Counted in `guard.skipped` and logged on rank 0.
+  halt  NonFiniteError naming the step, the rank(s) and the loss term(s) (or grad_norm), raised on every rank.
+
+No checkpoint may be written after a bad step: `guard.assert_checkpoint_allowed(step)` raises CheckpointRefused
+unless the last checked step was finite; megafusion.checkpoint.save_checkpoint(..., nan_guard=guard) calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+NAN_POLICIES = ("skip", "halt")
+GRAD_NORM = "grad_norm"
+
+Number = Union[float, int, torch.Tensor, None]
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient norm was NaN/Inf under nan_policy=halt."""
+
+
+@dataclass
+class FiniteCheck:
+    """The verdict of one check, identical on every rank of the group."""
+
+    ok: bool
+    bad_ranks: List[int] = field(default_factory=list)
+    """Global ranks that saw a non-finite value (empty when ok)."""
+    bad_terms: List[str] = field(default_factory=list)
+    """Names of the non-finite loss terms, and "grad_norm" when the norm was not finite (empty when ok)."""
+    detail: List[str] = field(default_factory=list)
+    """One "rank R: term, term" line per bad rank."""
+
+    def describe(self) -> str:
+        return "; ".join(self.detail) if self.detail else "all finite"
+
+
+def _is_finite(value: Number) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value.detach()).all().item())
+    return math.isfinite(float(value))
+
+
+def _collective_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def local_bad_terms(loss_values: Mapping[str, Number], grad_norm: Number) -> List[str]:
+    """The names of this rank's non-finite values (no communication)."""
+    bad = [name for name, value in sorted(loss_values.items()) if not _is_finite(value)]
+    if not _is_finite(grad_norm):
+        bad.append(GRAD_NORM)
+    return bad
+
+
+def check_finite(loss_values: Mapping[str, Number], grad_norm: Number = None, group=None) -> FiniteCheck:
+    """Collective over `group` (None: the world): are every rank's loss terms and gradient norm finite?"""
+    bad = local_bad_terms(loss_values, grad_norm)
+    if not dist.is_initialized():
+        return FiniteCheck(ok=not bad, bad_ranks=[0] if bad else [], bad_terms=bad,
+                           detail=[f"rank 0: {', '.join(bad)}"] if bad else [])
+    flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=_collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return FiniteCheck(ok=True)
+    gathered: List[Optional[tuple]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (dist.get_rank(), bad), group=group)
+    bad_ranks, terms, detail = [], [], []
+    for rank, names in gathered:
+        if names:
+            bad_ranks.append(rank)
+            detail.append(f"rank {rank}: {', '.join(names)}")
+            terms.extend(n for n in names if n not in terms)
+    return FiniteCheck(ok=False, bad_ranks=bad_ranks, bad_terms=terms, detail=detail)
+
+
+class NanGuard:
+    """Applies a nan policy to each step's check and remembers whether a checkpoint is allowed."""
+
+    def __init__(self, policy: str = "halt"):
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"training.nan_policy={policy!r} is not one of {list(NAN_POLICIES)}")
+        self.policy = policy
+        self.skipped = 0
+        """Steps skipped so far in this process's run (TrainState.skipped_steps carries it across restarts)."""
+        self.last_step: Optional[int] = None
+        self.last_ok = True
+        self.last_check: Optional[FiniteCheck] = None
+
+    def check(self, step: int, loss_values: Mapping[str, Number], grad_norm: Number = None, group=None) -> bool:
+        """Collective: True when the step's update may be applied; False (skip) or NonFiniteError (halt)."""
+        verdict = check_finite(loss_values, grad_norm, group)
+        self.last_step, self.last_ok, self.last_check = step, verdict.ok, verdict
+        if verdict.ok:
+            return True
+        message = (f"step {step}: non-finite {', '.join(verdict.bad_terms)} on rank(s) "
+                   f"{', '.join(map(str, verdict.bad_ranks))} ({verdict.describe()})")
+        if self.policy == "halt":
+            raise NonFiniteError(f"{message}. training.nan_policy=halt stops here, before the update; no "
+                                 f"checkpoint is written for this step. Resume from the last checkpoint (lower "
+                                 f"the learning rate or inspect the data at this step), or set "
+                                 f"training.nan_policy=skip to skip such steps.")
+        self.skipped += 1
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            logger.warning("%s: update skipped (training.nan_policy=skip; %d skipped so far)", message, self.skipped)
+        return False
+
+    def assert_checkpoint_allowed(self, step: int) -> None:
+        """Raise CheckpointRefused when the most recent checked step was not finite."""
+        if self.last_ok:
+            return
+        from megafusion.checkpoint.checkpointer import CheckpointRefused
+
+        raise CheckpointRefused(
+            f"not saving a checkpoint at step {step}: step {self.last_step} had non-finite values "
+            f"({self.last_check.describe() if self.last_check else '?'}); save after the next finite step")
