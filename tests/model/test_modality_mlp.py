@@ -1,0 +1,149 @@
+"""ModalityMLP: rows go to their modality's FFN and come back in place; biases are added inside; any submodule
+returning (output, bias) can fill a modality's slot (the hook a later MoE image FFN uses)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from distributed import free_port
+from megafusion.config.schema import Config, DataConfig, ModelConfig, TrainingConfig
+from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
+from megafusion.model.attention.layout import AttentionLayout
+from megafusion.model.modality_mlp import ModalityMLP
+from megafusion.model.specs import get_layer_spec, get_mlp_spec, get_modality_mlp_spec
+from megafusion.model.transformer_config import build_transformer_config
+
+SEQ, BATCH = 64, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_single_process():
+    created = False
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        created = True
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def make_config(**model):
+    fields = dict(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=128,
+                  latent_channels=4, latent_size=4, patch_size=2, attention_backend="dense", transformer_impl="local")
+    fields.update(model)
+    cfg = Config(model=ModelConfig(**fields), data=DataConfig(seq_length=SEQ), training=TrainingConfig(precision="fp32"))
+    return build_transformer_config(cfg)
+
+
+def make_layout(config, seed=0):
+    spec = SyntheticSpec(config.vocab_size, SEQ, config.patch_dim, 4, kind="mixed", fill=0.9)
+    batch = SyntheticDocuments(spec, seed=seed).batch(BATCH)
+    return AttentionLayout.from_batch(batch)
+
+
+def build_mlp(config, **spec_kwargs) -> ModalityMLP:
+    torch.manual_seed(0)
+    return build_module(get_modality_mlp_spec(config, use_te=False, **spec_kwargs), config=config)
+
+
+def reference(mlp: ModalityMLP, hidden: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    """Each modality's FFN on the whole tensor, then pick per position: what routing must reproduce."""
+    outs = []
+    for module in (mlp.text, mlp.image):
+        out, bias = module(hidden)
+        outs.append(out + bias if bias is not None else out)
+    image = (layout.modality.transpose(0, 1) == 1).unsqueeze(-1)  # [s, b, 1]
+    return torch.where(image, outs[1], outs[0])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_use_their_modality_ffn(bias):
+    config = make_config(add_bias_linear=bias)
+    mlp = build_mlp(config)
+    if bias:  # megatron zero-initialises biases; make them matter
+        with torch.no_grad():
+            for name, p in mlp.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+    layout = make_layout(config)
+    assert layout.has_latents and (layout.modality == 0).any()
+    hidden = torch.randn(SEQ, BATCH, config.hidden_size)
+    out, out_bias = mlp(hidden, padding_mask=layout)
+    assert out_bias is None and out.shape == hidden.shape
+    assert torch.allclose(out, reference(mlp, hidden, layout), atol=1e-6)
+
+
+def test_perturbing_one_modality_changes_only_its_rows():
+    config = make_config()
+    mlp = build_mlp(config)
+    layout = make_layout(config)
+    image = (layout.modality.transpose(0, 1) == 1)  # [s, b]
+    hidden = torch.randn(SEQ, BATCH, config.hidden_size)
+    with torch.no_grad():
+        base, _ = mlp(hidden, padding_mask=layout)
+        for p in mlp.image.parameters():
+            p.mul_(1.5)
+        after, _ = mlp(hidden, padding_mask=layout)
+    changed = (after - base).abs().amax(-1) > 0
+    assert torch.equal(changed, image)
+
+
+def test_gradients_reach_only_the_ffn_of_the_rows_in_the_loss():
+    config = make_config()
+    mlp = build_mlp(config)
+    layout = make_layout(config)
+    text = (layout.modality.transpose(0, 1) == 0).unsqueeze(-1)
+    hidden = torch.randn(SEQ, BATCH, config.hidden_size, requires_grad=True)
+    out, _ = mlp(hidden, padding_mask=layout)
+    (out * text).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for p in mlp.text.parameters())
+    assert all(p.grad.abs().sum() == 0 for p in mlp.image.parameters())
+    assert hidden.grad[~text.expand_as(hidden)].abs().sum() == 0
+
+
+def test_layout_is_required():
+    config = make_config()
+    mlp = build_mlp(config)
+    with pytest.raises(TypeError, match="AttentionLayout"):
+        mlp(torch.randn(SEQ, BATCH, config.hidden_size), padding_mask=None)
+
+
+class RecordingFFN(MLP):
+    """A stand-in for a later MoE image FFN: returns (output, bias) and records the padding mask it was given."""
+
+    def forward(self, hidden_states, padding_mask=None, **kwargs):
+        self.seen = (tuple(hidden_states.shape), padding_mask.clone())
+        return super().forward(hidden_states)
+
+
+def test_a_modality_slot_takes_any_output_bias_module():
+    config = make_config()
+    image_spec = get_mlp_spec(config, use_te=False)
+    image_spec = ModuleSpec(module=RecordingFFN, submodules=image_spec.submodules)
+    mlp = build_mlp(config, image=image_spec)
+    layout = make_layout(config)
+    out, _ = mlp(torch.randn(SEQ, BATCH, config.hidden_size), padding_mask=layout)
+    n_image = int((layout.modality == 1).sum())
+    shape, padding = mlp.image.seen
+    assert shape == (n_image, 1, config.hidden_size)
+    assert padding.shape == (1, n_image) and not padding.any()  # latent positions are never padding
+
+
+def test_layer_spec_selects_modality_or_plain_ffn_and_shared_norm():
+    with_modality = get_layer_spec(make_config(modality_ffn=True), use_te=False)
+    plain = get_layer_spec(make_config(modality_ffn=False), use_te=False)
+    assert with_modality.submodules.mlp.module is ModalityMLP
+    assert plain.submodules.mlp.module is MLP
+    assert "pre_mlp_layernorm." not in with_modality.submodules.sharded_state_dict_keys_map
+    assert plain.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"
