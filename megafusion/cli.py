@@ -1,0 +1,43 @@
+"""`megafusion` command line (thin): parse, load the config tree, hand over to the package.
+
+    megafusion train  --config tiny [section.key=value ...]     # one process, or under torchrun
+    megafusion config --config tiny [section.key=value ...]     # print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megafusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "pretrain a model"), ("config", "print the resolved config")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default="tiny", help="a YAML file or a preset name in configs/ (default: tiny)")
+        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.num_layers=4")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from megafusion.config import load_config, to_yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"megafusion {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(to_yaml(cfg), end="")
+        return 0
+    from megafusion.training.loop import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""`megafusion train`: the explicit training loop, readable top to bottom.
+
+    setup:  parallel groups -> model chunks (DDP) -> optimizer + LR schedule -> loss weighting -> resume -> data
+    step:   micro-batches (noised) -> forward_backward_func -> NaN guard -> clip + update -> LR + EMA -> log
+            -> maybe evaluate -> maybe checkpoint -> agreed stop on SIGTERM/SIGUSR1
+
+Every rank runs the same loop; logged values are reduced over data-parallel ranks and taken from the last
+pipeline stage, so every rank holds the same numbers (the adaptive-weighting EMA relies on it).
+`train(cfg)` returns the per-step records it logged (tests compare them across parallel layouts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megafusion.checkpoint.checkpointer import checkpoint_root, resume, save_checkpoint
+from megafusion.checkpoint.train_state import TrainState
+from megafusion.config import Config, save_config, to_yaml
+from megafusion.data.loader import build_data_iterators
+from megafusion.model import build_transformer_config, model_provider
+from megafusion.objectives import build_loss_weighting
+from megafusion.parallel.initialize import ParallelInfo, destroy_parallel, initialize_parallel
+from megafusion.parallel.wrapping import use_bf16, wrap_model
+from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
+from megafusion.training.forward_step import average_reports, make_forward_step, noisy_microbatches
+from megafusion.training.metrics import MetricsWriter, format_line, resolve_peak_flops
+from megafusion.training.nan_guard import NanGuard
+from megafusion.training.optimizer import build_lr_scheduler, build_optimizer
+from megafusion.training.signals import StopSignal
+
+logger = logging.getLogger("megafusion.train")
+
+REPORT_KEYS = ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "text_tokens", "latent_tokens")
+
+
+def train(cfg: Config) -> List[Dict[str, float]]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron logs every parameter name at INFO
+    info = initialize_parallel(cfg.parallel, cfg.training.seed)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        destroy_parallel()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: ParallelInfo):
+        self.cfg, self.info = cfg, info
+        t = cfg.training
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * info.dp_size)
+        if self.num_microbatches * t.micro_batch_size * info.dp_size != t.global_batch_size:
+            raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+                             f"micro_batch_size * data-parallel size = {t.micro_batch_size} * {info.dp_size}")
+        self.model = wrap_model(partial(model_provider, cfg), cfg)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.model_config = self.model[0].config
+        self.model_config.grad_scale_func = self.optimizer.scale_loss
+        mix = TokenMix.estimate(cfg, latent_fraction=0.5)
+        self.flops_per_step = flops_per_step(build_transformer_config(cfg), mix)
+        self.total_steps = t.train_steps if t.train_steps is not None else steps_from_flops_budget(
+            t.flops_budget, self.flops_per_step)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer, self.total_steps)
+        self.weighting = build_loss_weighting(cfg.objective)
+        self.guard = NanGuard(cfg.training.nan_policy)
+        self.state = TrainState()
+        self.last_saved_step: Optional[int] = None
+        self.save_dir = checkpoint_root(cfg)
+        loaded = resume(cfg, self.save_dir, self.model, self.optimizer, scheduler=self.scheduler,
+                        loss_weighting=self.weighting)
+        if loaded is not None:
+            self.state = loaded.train_state
+        self.train_iter, self.valid_iter = build_data_iterators(cfg, info.dp_rank, info.dp_size,
+                                                                self.state.consumed_samples)
+        self.forward_backward = get_forward_backward_func()
+        self.forward_step = make_forward_step(self.weighting)
+        self.dtype = torch.bfloat16 if use_bf16(cfg) else None
+        self.is_logger = info.rank == 0
+        self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard)
+        self.peak_flops = resolve_peak_flops(cfg.logging.peak_flops)
+        if self.is_logger:
+            os.makedirs(t.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
+
+    # ------------------------------------------------------------------ one step
+    def _microbatches(self, iterator) -> List:
+        items = []
+        for _ in range(self.num_microbatches):
+            first = iterator.consumed_samples + self.info.dp_rank * self.cfg.training.micro_batch_size
+            items.append((next(iterator), first))
+        return noisy_microbatches(items, self.cfg.objective, self.cfg.training.seed, self.info.device, self.dtype)
+
+    def _run_schedule(self, batches, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
+        chunks = len(self.model)
+        iterators = [iter(batches) for _ in range(chunks)]
+        return self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=iterators if chunks > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _global(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Means over micro-batches and DP ranks (token counts summed), identical on every rank."""
+        local = average_reports(reports) if reports else {}
+        vec = torch.tensor([float(local.get(k, 0.0)) for k in REPORT_KEYS], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            vec = vec.cuda()
+        if not self.info.is_last_stage:
+            vec.zero_()
+        dist.all_reduce(vec)  # only last-stage ranks contribute: tp_size * dp_size of them
+        vec /= self.info.tp_size
+        values = {k: float(v) for k, v in zip(REPORT_KEYS, vec.cpu().tolist())}
+        for k in REPORT_KEYS:
+            if not k.endswith("_tokens"):
+                values[k] /= self.info.dp_size
+        return values
+
+    def train_step(self) -> Dict[str, float]:
+        batches = self._microbatches(self.train_iter)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(batches, forward_only=False)
+        self.optimizer.prepare_grads()
+        grad_norm = self.optimizer.get_grad_norm()
+        local_losses = {k: r[k] for r in reports for k in ("loss_ce", "loss_fm", "loss")}
+        values = self._global(reports)
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.training.global_batch_size
+        if self.guard.check(self.state.step, local_losses, grad_norm):
+            if self.cfg.optimizer.clip_grad > 0:
+                self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
+            self.optimizer.step_with_ready_grads()
+            self.scheduler.step(increment=1)
+            self.weighting.commit(values["loss_ce"], values["loss_fm"])
+        else:
+            self.state.skipped_steps += 1
+        self.state.total_flops += self.flops_per_step
+        values.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
+                      skipped_steps=self.state.skipped_steps)
+        return values
+
+    # ------------------------------------------------------------------ evaluation and saving
+    def evaluate(self) -> Optional[float]:
+        if self.valid_iter is None:
+            return None
+        self.valid_iter.reset(0)
+        for chunk in self.model:
+            chunk.eval()
+        reports = []
+        with torch.no_grad():
+            for _ in range(self.cfg.training.eval_steps):
+                reports += self._run_schedule(self._microbatches(self.valid_iter), forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return self._global(reports)["loss"]
+
+    def save(self) -> None:
+        if self.last_saved_step == self.state.step:
+            return
+        self.last_saved_step = self.state.step
+        save_checkpoint(self.save_dir, self.state, self.model, self.optimizer, scheduler=self.scheduler,
+                        loss_weighting=self.weighting, data_state=self.train_iter.state_dict(),
+                        config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last, nan_guard=self.guard)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> List[Dict[str, float]]:
+        cfg, records = self.cfg, []
+        stop = StopSignal.install()
+        tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
+        try:
+            while self.state.step < self.total_steps:
+                start = time.perf_counter()
+                values = self.train_step()
+                elapsed = time.perf_counter() - start
+                values["tokens_per_s"] = tokens_per_step / elapsed
+                values["mfu"] = self.flops_per_step / elapsed / (self.info.world_size * self.peak_flops)
+                step = self.state.step
+                if cfg.training.eval_interval and step % cfg.training.eval_interval == 0:
+                    values["valid_loss"] = self.evaluate()
+                records.append({"step": step, **values})
+                if step % cfg.logging.log_interval == 0 and self.is_logger:
+                    self.metrics.write(step, values)
+                    logger.info(format_line(step, self.total_steps, values))
+                if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and self.guard.last_ok:
+                    self.save()
+                if stop.should_stop():
+                    if self.is_logger:
+                        logger.info("stop requested by signal: saving at step %d and exiting", step)
+                    if self.guard.last_ok:
+                        self.save()
+                    return records
+            if cfg.checkpoint.save_at_end and self.guard.last_ok and records:
+                self.save()
+            return records
+        finally:
+            stop.uninstall()
+            self.metrics.close()
+            self.train_iter.close()
+            if self.valid_iter is not None:
+                self.valid_iter.close()
