@@ -34,23 +34,20 @@ class PreprocessError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- one shard
-_WORKER = {}  # per-process state: options, builder, progress queue
+_WORKER = {}  # per worker process: options, shards folder, progress queue, document builder
 
 
-def _builder(opts: PreprocessOptions) -> DocumentBuilder:
-    if "builder" not in _WORKER:
-        from megafusion.encoders import build_encoder
+def make_builder(opts: PreprocessOptions) -> DocumentBuilder:
+    from megafusion.encoders import build_encoder
 
-        _WORKER["builder"] = DocumentBuilder(
-            TextTokenizer(opts.tokenizer), build_encoder(opts.encoder, **opts.encoder_config), opts.columns,
-            opts.kind, opts.seq_length, opts.patch_size, opts.min_image_size, opts.latent_dtype)
-    return _WORKER["builder"]
+    return DocumentBuilder(TextTokenizer(opts.tokenizer), build_encoder(opts.encoder, **opts.encoder_config),
+                           opts.columns, opts.kind, opts.seq_length, opts.patch_size, opts.min_image_size,
+                           opts.latent_dtype)
 
 
-def process_shard(opts: PreprocessOptions, spec: ShardSpec, shards_dir: str,
+def process_shard(builder: DocumentBuilder, opts: PreprocessOptions, spec: ShardSpec, shards_dir: str,
                   report: Callable[[int, int], None]) -> dict:
     """Encode the records of one shard into its files and publish its done-marker; returns its stats."""
-    builder = _builder(opts)
     writer = ShardWriter(shards_dir, spec.index, latent_storage(opts.latent_dtype)[1])
     chunk = []
 
@@ -78,12 +75,15 @@ def _init_worker(opts: PreprocessOptions, shards_dir: str, progress) -> None:
     import torch
 
     torch.set_num_threads(opts.threads)
+    _WORKER.clear()  # a forked worker must not inherit a builder of another run
     _WORKER.update(opts=opts, shards_dir=shards_dir, progress=progress)
 
 
 def _worker_task(spec: ShardSpec) -> dict:
     progress = _WORKER["progress"]
-    return process_shard(_WORKER["opts"], spec, _WORKER["shards_dir"],
+    if "builder" not in _WORKER:
+        _WORKER["builder"] = make_builder(_WORKER["opts"])
+    return process_shard(_WORKER["builder"], _WORKER["opts"], spec, _WORKER["shards_dir"],
                          lambda records, images: progress.put((records, images)))
 
 
@@ -114,8 +114,9 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
             import torch
 
             torch.set_num_threads(opts.threads_per_worker)
+        builder = make_builder(opts)
         for spec in pending:
-            process_shard(opts, spec, shards_dir, progress)
+            process_shard(builder, opts, spec, shards_dir, progress)
         return
     import multiprocessing as mp
 
