@@ -134,6 +134,10 @@ def _restore(name: str, obj: Any, state: Optional[dict], path: Path) -> None:
     if state is None:
         logger.warning("checkpoint %s holds no %s state; %s keeps its initial state", path, name, name)
         return
+    if name == "scheduler" and hasattr(obj, "num_steps"):
+        # megatron's OptimizerParamScheduler.load_state_dict *adds* the saved step count to its own (it expects a
+        # fresh scheduler); start from 0 so loading gives exactly the saved position whatever happened before
+        obj.num_steps = 0
     obj.load_state_dict(state)
 
 
