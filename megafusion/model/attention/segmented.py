@@ -1,0 +1,204 @@
+"""The `segmented` backend: exact hybrid attention as a few SDPA calls over query segments, never an S x S mask.
+
+Each packed row is cut into segments of queries that share one key structure (see layout.py for the rule):
+
+  text run      queries [a, b) of one document with one context_start c. Keys: the visible prefix [c, a), seen
+                by every query, then [a, b) causally, i.e. a causal mask aligned to the bottom-right corner of
+                the [L, P + L] score block. With no prefix (P = 0) that is SDPA's own `is_causal`; otherwise a
+                small additive mask of that shape, cached per (L, P + L).
+  visual block  queries of one image / video frame: keys are the visible prefix [c, block_start) plus the whole
+                block, no mask at all (bidirectional inside, everything earlier outside).
+  padding       a padding query attends only to itself, so its output is its own value row.
+
+"Visible" drops padding keys and, with `hide_noised`, the noised latents of other blocks; the keys of a segment
+are then a gathered index list instead of a contiguous slice, and the result stays exact. Segments of equal
+shape (kind, queries, keys) anywhere in the batch run as one batched SDPA call. The plan (segments, groups,
+gather indices, masks) lives in `layout.cache`, so it is computed once per batch, not once per layer; forward
+and backward are plain autograd through `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megafusion.model.attention.layout import AttentionLayout
+
+PLAN_KEY = "segmented_plan"
+CAUSAL, FULL, PAD = "causal", "full", "pad"
+
+
+@dataclass
+class Segment:
+    """Queries [start, end) of row `row`; `index` is the segment's place in its row (position order)."""
+
+    row: int
+    index: int
+    start: int
+    end: int
+    kind: str  # CAUSAL (text run), FULL (visual block) or PAD
+    key_start: int = 0  # contiguous keys [key_start, key_end) when key_index is None
+    key_end: int = 0
+    key_index: Optional[torch.Tensor] = None  # gathered key positions (visible prefix + own keys)
+
+    @property
+    def num_queries(self) -> int:
+        return self.end - self.start
+
+    @property
+    def num_keys(self) -> int:
+        return self.key_index.numel() if self.key_index is not None else self.key_end - self.key_start
+
+
+@dataclass
+class SegmentPlan:
+    rows: List[List[Segment]]  # per row, covering [0, s) in position order
+    groups: List[Tuple[Tuple[str, int, int], List[Segment]]]  # (kind, queries, keys) -> one SDPA call
+    pads: List[Segment]
+    masks: Dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def row_sizes(self) -> List[List[int]]:
+        return [[seg.num_queries for seg in row] for row in self.rows]
+
+    def causal_mask(self, lq: int, lk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[lq, lk] additive mask: query i sees keys j <= (lk - lq) + i (causal aligned bottom-right)."""
+        key = (lq, lk, dtype, device)
+        if key not in self.masks:
+            allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+            mask = torch.zeros(lq, lk, dtype=dtype, device=device)
+            self.masks[key] = mask.masked_fill_(~allowed, float("-inf"))
+        return self.masks[key]
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def build_plan(layout: AttentionLayout) -> SegmentPlan:
+    """Cut every row of `layout` into segments and group equal shapes. Runs once per batch (CPU, small loops
+    over segments, never over positions)."""
+    device = layout.device
+    block = layout.block_ids.detach().cpu()
+    cs = layout.context_start.detach().cpu()
+    valid = layout.valid.detach().cpu().bool()
+    visible = valid & ~layout.noised.detach().cpu().bool() if layout.hide_noised else valid
+    b, s = block.shape
+    n_visible = torch.zeros(b, s + 1, dtype=torch.long)
+    n_visible[:, 1:] = visible.long().cumsum(1)
+    # runs of positions with one (validity, block, context_start); padding is one run whatever its context_start
+    cs_eff = torch.where(valid, cs, torch.full_like(cs, -1))
+    change = (block[:, 1:] != block[:, :-1]) | (cs_eff[:, 1:] != cs_eff[:, :-1]) | (valid[:, 1:] != valid[:, :-1])
+
+    rows: List[List[Segment]] = []
+    for r in range(b):
+        bounds = [0] + (torch.nonzero(change[r]).flatten() + 1).tolist() + [s]
+        runs = list(zip(bounds[:-1], bounds[1:]))
+        block_r, cs_r, valid_r = block[r].tolist(), cs[r].tolist(), valid[r].tolist()
+        spans = _block_spans(r, runs, block_r)
+        segments: List[Segment] = []
+        for a, e in runs:
+            seg = Segment(row=r, index=len(segments), start=a, end=e, kind=PAD)
+            if valid_r[a]:
+                c, bid = cs_r[a], block_r[a]
+                if c > a:
+                    raise ValueError(f"AttentionLayout row {r}: context_start[{a}]={c} lies after the position")
+                if bid < 0:
+                    seg.kind, own_start, own_end = CAUSAL, a, e
+                else:
+                    seg.kind = FULL
+                    own_start, own_end = max(c, spans[bid][0]), spans[bid][1]
+                prefix_visible = int(n_visible[r, own_start] - n_visible[r, c])
+                if prefix_visible == own_start - c:  # nothing hidden: one contiguous slice of keys
+                    seg.key_start, seg.key_end = c, own_end
+                else:
+                    hidden_free = torch.nonzero(visible[r, c:own_start]).flatten() + c
+                    own = torch.arange(own_start, own_end)
+                    seg.key_index = torch.cat([hidden_free, own]).to(device)
+            segments.append(seg)
+        rows.append(segments)
+
+    grouped: Dict[Tuple[str, int, int], List[Segment]] = {}
+    pads: List[Segment] = []
+    for segments in rows:
+        for seg in segments:
+            if seg.kind == PAD:
+                pads.append(seg)
+            else:
+                grouped.setdefault((seg.kind, seg.num_queries, seg.num_keys), []).append(seg)
+    return SegmentPlan(rows=rows, groups=list(grouped.items()), pads=pads)
+
+
+def _block_spans(row: int, runs, block_r) -> Dict[int, Tuple[int, int]]:
+    """block id -> [start, end) of its positions; a block must be one contiguous run (Batch.block_ids contract)."""
+    spans: Dict[int, Tuple[int, int]] = {}
+    for a, e in runs:
+        bid = block_r[a]
+        if bid < 0:
+            continue
+        if bid in spans:
+            start, end = spans[bid]
+            if end != a:
+                raise ValueError(
+                    f"AttentionLayout row {row}: visual block {bid} is not contiguous (positions {start}..{end - 1} "
+                    f"and {a}..); Batch.block_ids must give each image / frame one contiguous span"
+                )
+            spans[bid] = (start, e)
+        else:
+            spans[bid] = (a, e)
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------- the backend
+def segmented_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """q [b, nq, s, d], k/v [b, nkv, s, d] (nkv divides nq) -> [b, nq, s, d], equal to the `dense` backend."""
+    b, nq, s, d = q.shape
+    nkv = k.shape[1]
+    if (b, s) != (layout.batch_size, layout.seq_length):
+        raise ValueError(f"segmented attention: q has [b, s] = {(b, s)}, the layout {layout.block_ids.shape}")
+    if nq % nkv != 0:
+        raise ValueError(f"segmented attention: {nkv} key/value heads do not divide {nq} query heads")
+    plan: SegmentPlan = layout.cached(PLAN_KEY, lambda: build_plan(layout))
+    gqa = nq != nkv
+
+    q_rows, k_rows, v_rows = q.unbind(0), k.unbind(0), v.unbind(0)  # [heads, s, d] each
+    q_parts = [torch.split(q_rows[r], sizes, dim=1) for r, sizes in enumerate(plan.row_sizes)]
+    pieces: List[List[Optional[torch.Tensor]]] = [[None] * len(row) for row in plan.rows]
+
+    for (kind, lq, lk), members in plan.groups:
+        qs = [q_parts[m.row][m.index] for m in members]
+        ks = [_keys(k_rows[m.row], m, s) for m in members]
+        vs = [_keys(v_rows[m.row], m, s) for m in members]
+        if len(members) == 1:
+            qq, kk, vv = qs[0].unsqueeze(0), ks[0].unsqueeze(0), vs[0].unsqueeze(0)
+        else:
+            qq, kk, vv = torch.stack(qs), torch.stack(ks), torch.stack(vs)
+        mask, causal = None, False
+        if kind == CAUSAL:
+            if lk == lq:
+                causal = True
+            else:
+                mask = plan.causal_mask(lq, lk, q.dtype, q.device)
+        out = F.scaled_dot_product_attention(
+            qq, kk, vv, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
+        for m, piece in zip(members, out.unbind(0)):
+            pieces[m.row][m.index] = piece
+
+    for m in plan.pads:  # a padding query's only key is itself: softmax weight 1 on its own value
+        own = v_rows[m.row][:, m.start : m.end]
+        pieces[m.row][m.index] = own.repeat_interleave(nq // nkv, dim=0) if gqa else own
+
+    rows = [torch.cat(row, dim=1) if len(row) > 1 else row[0] for row in pieces]
+    return torch.stack(rows, 0)
+
+
+def _keys(x: torch.Tensor, seg: Segment, s: int) -> torch.Tensor:
+    """The keys (or values) of `seg` from one row x [heads, s, d]: a view when contiguous, else a gather."""
+    if seg.key_index is not None:
+        return x.index_select(1, seg.key_index)
+    if seg.key_start == 0 and seg.key_end == s:
+        return x
+    return x[:, seg.key_start : seg.key_end]
