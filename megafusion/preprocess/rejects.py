@@ -8,7 +8,10 @@ file and counts it by reason, and the manifest holds the totals.
 from __future__ import annotations
 
 import json
+import re
 from typing import Dict
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 REASONS = {
     "invalid_json": "a JSONL line that is not a JSON object",
@@ -31,6 +34,7 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
         if reason not in REASONS:
             raise ValueError(f"unknown reject reason {reason!r}; add it to megafusion.preprocess.rejects.REASONS")
+        detail = _ADDRESS.sub("", detail)  # object addresses (PIL's messages) would make reruns differ
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
