@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Benchmark: preprocessing throughput with 2 workers vs 1 on the pixel encoder, measured side by side.
+
+Generates a parquet of image-text pairs (PNG bytes) and a tiny tokenizer, preprocesses it with --workers 1 and 2
+(alternating, --repeats times, best of each), checks the two datasets are byte-identical, and prints records/s and
+images/s. The last line is JSON: {"name": "preprocess", "ratio": rps_2 / rps_1, "target": 1.7, ...}. Interpreter
+and import start-up are excluded (both runs happen in this process); merge and publish are included.
+
+    python benchmarks/preprocess.py --records 6000
+"""
+
+import argparse
+import filecmp
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+WORDS = ("red green blue small large cat dog bird tree house river mountain city light dark image photo of a the "
+         "and with on in under over near far quick slow bright cloudy sunny night day").split()
+
+
+def make_parquet(path, records, image_size, seed=0):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng, prng = np.random.default_rng(seed), random.Random(seed)
+    base = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+    texts, images = [], []
+    for i in range(records):
+        texts.append(" ".join(prng.choice(WORDS) for _ in range(prng.randint(8, 40))))
+        array = np.roll(base, (i * 7) % image_size, axis=1) ^ np.uint8(i % 251)
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+        images.append(buf.getvalue())
+    pq.write_table(pa.table({"text": texts, "image": pa.array(images, pa.binary())}), path, row_group_size=512)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=6000)
+    p.add_argument("--image-size", type=int, default=96, help="side of the generated PNGs")
+    p.add_argument("--resolution", type=int, default=32, help="pixel encoder resolution")
+    p.add_argument("--shards", type=int, default=16, help="shards the records are cut into")
+    p.add_argument("--repeats", type=int, default=1, help="runs per worker count (best is kept)")
+    args = p.parse_args()
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (import outside timing)
+
+    from megafusion.preprocess import PreprocessOptions, run_preprocess
+    from megafusion.preprocess.tokenizer_training import train_tokenizer
+
+    work = tempfile.mkdtemp(prefix="bench_preprocess_")
+    try:
+        data = os.path.join(work, "pairs.parquet")
+        t0 = time.perf_counter()
+        make_parquet(data, args.records, args.image_size)
+        tok = train_tokenizer([data], os.path.join(work, "tok"), vocab_size=256, model_type="bpe")
+        print(f"generated {args.records} records in {time.perf_counter() - t0:.1f}s", flush=True)
+
+        best = {1: float("inf"), 2: float("inf")}
+        load_before = os.getloadavg()
+        for rep in range(args.repeats):
+            for workers in (1, 2):
+                out = os.path.join(work, f"out{workers}")
+                shutil.rmtree(out, ignore_errors=True)
+                opts = PreprocessOptions(
+                    inputs=[data], output=out, tokenizer=tok, encoder="pixel",
+                    encoder_config={"resolution": args.resolution}, min_image_size=8, seq_length=8192,
+                    patch_size=2, workers=workers, threads_per_worker=1,
+                    records_per_shard=max(1, -(-args.records // args.shards)), progress=False)
+                t0 = time.perf_counter()
+                manifest = run_preprocess(opts)
+                elapsed = time.perf_counter() - t0
+                best[workers] = min(best[workers], elapsed)
+                print(f"workers={workers} repeat={rep}: {elapsed:.2f}s, {args.records / elapsed:.0f} records/s, "
+                      f"{manifest['counts']['images'] / elapsed:.0f} images/s", flush=True)
+        identical = all(filecmp.cmp(os.path.join(work, "out1", f), os.path.join(work, "out2", f), shallow=False)
+                        for f in ("tokens.bin", "tokens.idx", "latents.bin", "latents.idx"))
+        rps = {w: args.records / t for w, t in best.items()}
+        print(json.dumps({"name": "preprocess", "ratio": round(rps[2] / rps[1], 3), "target": 1.7,
+                          "rps_1": round(rps[1], 1), "rps_2": round(rps[2], 1), "records": args.records,
+                          "image_size": args.image_size, "resolution": args.resolution,
+                          "byte_identical": identical, "cpu_count": os.cpu_count(),
+                          "load_avg_before": [round(x, 2) for x in load_before],
+                          "load_avg_after": [round(x, 2) for x in os.getloadavg()]}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
