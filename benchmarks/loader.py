@@ -63,7 +63,7 @@ def time_loader(cfg, n_batches, warmup=2):
     t0 = time.perf_counter()
     positions = 0
     for _ in range(n_batches):
-        positions += int((next(it).document_ids >= 0).sum())
+        positions += int(np.count_nonzero(next(it).document_ids.numpy() >= 0))
     dt = time.perf_counter() - t0
     plans = [it.source.plan(i) for i in range(warmup * cfg.training.micro_batch_size,
                                                (warmup + n_batches) * cfg.training.micro_batch_size)]

@@ -48,19 +48,19 @@ def _part_length(part: Part) -> int:
 def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
     """Build a Batch of len(rows) sequences of seq_length positions (the tail of each row is padding).
 
-    One Python pass records each part's length and place; every per-position field is then written with a few
-    vectorised numpy calls over the whole batch (np.repeat of per-part values), and the latents are copied once.
+    One Python pass records each part's length and place; the per-position values of the whole batch are then
+    built with np.repeat of per-part values and written with one slice per row and field; latents are copied once.
     """
     b = len(rows)
     lengths: List[int] = []  # per part
-    starts: List[int] = []  # flat start index (row * seq_length + position in the row)
-    row_ids: List[int] = []
+    row_used: List[int] = []  # positions filled per row
     doc_ids: List[int] = []
     doc_starts: List[int] = []
     is_frame: List[bool] = []
     noised_part: List[bool] = []
-    text: List[np.ndarray] = []
+    token_chunks: List[np.ndarray] = []  # per part: its ids, or PAD over its latent positions
     latents: List[np.ndarray] = []
+    pad_block = np.full(seq_length, pad_id, dtype=np.int64)
     for r, row in enumerate(rows):
         pos = 0
         for d, doc in enumerate(row.documents):
@@ -75,12 +75,11 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
                             f"expected [n_patches, {patch_dim}]"
                         )
                     latents.append(part.patches)
+                    token_chunks.append(pad_block[:n])
                 else:
                     n = len(part.ids)
-                    text.append(part.ids)
+                    token_chunks.append(part.ids)
                 lengths.append(n)
-                starts.append(r * seq_length + pos)
-                row_ids.append(r)
                 doc_ids.append(d)
                 doc_starts.append(doc_start)
                 is_frame.append(frame)
@@ -88,35 +87,40 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
                 pos += n
         if pos > seq_length:
             raise ValueError(f"row {r} holds {pos} positions, more than seq_length={seq_length}")
-    tokens = np.full(b * seq_length, pad_id, dtype=np.int64)
-    modality = np.full(b * seq_length, MODALITY_TEXT, dtype=np.int64)
-    block_ids = np.full(b * seq_length, -1, dtype=np.int64)
-    document_ids = np.full(b * seq_length, -1, dtype=np.int64)
-    context_start = np.tile(np.arange(seq_length, dtype=np.int64), b)  # padding sees only itself
-    noised = np.zeros(b * seq_length, dtype=bool)
-    if lengths:
-        n_part = np.asarray(lengths, dtype=np.int64)
-        first = np.asarray(starts, dtype=np.int64)
-        frame = np.asarray(is_frame, dtype=bool)
-        # flat index of every filled position, part by part
-        offsets = np.cumsum(n_part) - n_part
-        where = np.arange(int(n_part.sum()), dtype=np.int64) + np.repeat(first - offsets, n_part)
-        row_of_part = np.asarray(row_ids, dtype=np.int64)
-        # block ids count frames from 0 within each row
-        frames_before = np.cumsum(frame) - frame
-        row_first_part = np.minimum(np.searchsorted(row_of_part, np.arange(b)), len(frame) - 1)
-        block = np.where(frame, frames_before - frames_before[row_first_part][row_of_part], -1)
-        modality[where] = np.repeat(np.where(frame, MODALITY_IMAGE, MODALITY_TEXT), n_part)
-        block_ids[where] = np.repeat(block, n_part)
-        document_ids[where] = np.repeat(np.asarray(doc_ids, dtype=np.int64), n_part)
-        context_start[where] = np.repeat(np.asarray(doc_starts, dtype=np.int64), n_part)
-        noised[where] = np.repeat(np.asarray(noised_part, dtype=bool), n_part)
-        if text:
-            text_where = where[np.repeat(~frame, n_part)]
-            tokens[text_where] = np.concatenate(text)
+        row_used.append(pos)
     shape = (b, seq_length)
-    tokens, modality, block_ids = tokens.reshape(shape), modality.reshape(shape), block_ids.reshape(shape)
-    document_ids, context_start, noised = document_ids.reshape(shape), context_start.reshape(shape), noised.reshape(shape)
+    tokens = np.full(shape, pad_id, dtype=np.int64)
+    modality = np.full(shape, MODALITY_TEXT, dtype=np.int64)
+    block_ids = np.full(shape, -1, dtype=np.int64)
+    document_ids = np.full(shape, -1, dtype=np.int64)
+    context_start = np.tile(np.arange(seq_length, dtype=np.int64), (b, 1))  # padding sees only itself
+    noised = np.zeros(shape, dtype=bool)
+    if lengths:
+        # per-position values of all rows' filled prefixes, back to back
+        n_part = np.asarray(lengths, dtype=np.int64)
+        frame = np.asarray(is_frame, dtype=bool)
+        frame_block = np.cumsum(frame) - frame  # frames before each part; made row-relative below
+        values = {
+            "tokens": np.concatenate(token_chunks).astype(np.int64, copy=False),
+            "modality": np.repeat(np.where(frame, MODALITY_IMAGE, MODALITY_TEXT), n_part),
+            "document_ids": np.repeat(np.asarray(doc_ids, dtype=np.int64), n_part),
+            "context_start": np.repeat(np.asarray(doc_starts, dtype=np.int64), n_part),
+            "noised": np.repeat(np.asarray(noised_part, dtype=bool), n_part),
+        }
+        block_vals = np.repeat(np.where(frame, frame_block, -1), n_part)
+        targets = {"tokens": tokens, "modality": modality, "document_ids": document_ids,
+                   "context_start": context_start, "noised": noised}
+        c = 0
+        for r, used in enumerate(row_used):
+            for name, target in targets.items():
+                target[r, :used] = values[name][c: c + used]
+            row_blocks = block_vals[c: c + used]
+            if used:
+                image = row_blocks >= 0
+                if image.any():
+                    row_blocks = np.where(image, row_blocks - row_blocks[image][0], -1)
+                block_ids[r, :used] = row_blocks
+            c += used
     is_text = (modality == MODALITY_TEXT) & (document_ids >= 0)
     labels = np.full_like(tokens, pad_id)
     labels[:, :-1] = tokens[:, 1:]
@@ -139,5 +143,5 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
         noised=torch.from_numpy(noised),
         latents=lat,
         noisy_latents=torch.from_numpy(lat_np.copy()),  # numpy memcpy: torch's threaded clone stalls on busy hosts
-        latent_t=torch.ones(lat.shape[0]),
+        latent_t=torch.from_numpy(np.ones(lat.shape[0], dtype=np.float32)),
     )

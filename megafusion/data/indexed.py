@@ -221,6 +221,7 @@ class MultimodalDataset:
         self._latent_docs = self._latents.document_indices  # [D + 1] latent sequence range per document
         self.frame_counts = np.diff(self._latent_docs).astype(np.int64)  # [D]
         self._lat_np_dtype = self._latents.index.dtype
+        self._tok_ptr = self._tokens.index.sequence_pointers  # [D] byte offset of each document's tokens
         self._frame_numel = int(np.prod(self.latent_shape))
 
     def __getstate__(self):
@@ -244,7 +245,8 @@ class MultimodalDataset:
     def tokens(self, doc: int, start: int = 0, end: Optional[int] = None) -> np.ndarray:
         """[end - start] int32 slice of document `doc`'s token stream (a read-only view of the memory map)."""
         end = int(self.token_lengths[doc]) if end is None else end
-        return self._tokens.get(doc, offset=start, length=end - start)
+        return self._tokens.bin_reader.read(dtype=np.int32, count=end - start,
+                                            offset=int(self._tok_ptr[doc]) + 4 * start)
 
     def frames_raw(self, doc: int, first: int, count: int) -> np.ndarray:
         """[count, C, H, W] stored values (float32 or uint16 bit patterns) of frames first.. of `doc` (a view)."""
