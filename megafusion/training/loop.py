@@ -26,7 +26,7 @@ from megafusion.checkpoint.train_state import TrainState
 from megafusion.config import Config, save_config, to_yaml
 from megafusion.data.loader import build_data_iterators
 from megafusion.model import build_transformer_config, model_provider
-from megafusion.objectives import build_loss_weighting
+from megafusion.objectives import build_loss_weighting, reduce_for_weighting
 from megafusion.parallel.initialize import ParallelInfo, destroy_parallel, initialize_parallel
 from megafusion.parallel.wrapping import use_bf16, wrap_model
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
@@ -77,6 +77,7 @@ class Trainer:
                         loss_weighting=self.weighting)
         if loaded is not None:
             self.state = loaded.train_state
+            self.last_saved_step = self.state.step
         self.train_iter, self.valid_iter = build_data_iterators(cfg, info.dp_rank, info.dp_size,
                                                                 self.state.consumed_samples)
         self.forward_backward = get_forward_backward_func()
@@ -143,7 +144,10 @@ class Trainer:
                 self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
             self.optimizer.step_with_ready_grads()
             self.scheduler.step(increment=1)
-            self.weighting.commit(values["loss_ce"], values["loss_fm"])
+            # Means over the micro-batches (all ranks) that have each term; TP replicas and PP stages without
+            # losses do not change them, so the EMA is identical on every rank.
+            self.weighting.commit(*reduce_for_weighting([r["loss_ce"] for r in reports],
+                                                        [r["loss_fm"] for r in reports]))
         else:
             self.state.skipped_steps += 1
         self.state.total_flops += self.flops_per_step
@@ -201,8 +205,8 @@ class Trainer:
                     if self.guard.last_ok:
                         self.save()
                     return records
-            if cfg.checkpoint.save_at_end and self.guard.last_ok and records:
-                self.save()
+            if cfg.checkpoint.save_at_end and self.guard.last_ok:
+                self.save()  # with training.train_steps=0 this writes the initial (seed) checkpoint
             return records
         finally:
             stop.uninstall()
