@@ -119,33 +119,36 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
             process_shard(builder, opts, spec, shards_dir, progress)
         return
     import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context(opts.start_method)
     updates = ctx.Queue()
-    with ctx.Pool(min(opts.workers, len(pending)), initializer=_init_worker,
-                  initargs=(opts, shards_dir, updates)) as pool:
-        results = [pool.apply_async(_worker_task, (spec,)) for spec in pending]
+
+    def drain():
         while True:
-            try:
-                progress(*updates.get(timeout=0.1))
-                continue
-            except queue_module.Empty:
-                pass
-            for spec, result in zip(pending, results):
-                if result.ready() and not result.successful():
-                    try:
-                        result.get()
-                    except Exception as exc:
-                        pool.terminate()
-                        raise PreprocessError(f"worker failed on shard {spec.index} (records {spec.start}.."
-                                              f"{spec.stop - 1}): {type(exc).__name__}: {exc}") from exc
-            if all(r.ready() for r in results):
-                break
-        while True:  # the last progress messages
             try:
                 progress(*updates.get_nowait())
             except queue_module.Empty:
-                break
+                return
+
+    # ProcessPoolExecutor (not multiprocessing.Pool): a worker killed by the OS fails its futures with
+    # BrokenProcessPool instead of leaving the run waiting forever.
+    with ProcessPoolExecutor(min(opts.workers, len(pending)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(opts, shards_dir, updates)) as pool:
+        futures = {pool.submit(_worker_task, spec): spec for spec in pending}
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, timeout=0.1, return_when=FIRST_COMPLETED)
+            drain()
+            for future in finished:
+                exc = future.exception()
+                if exc is not None:
+                    spec = futures[future]
+                    for other in remaining:
+                        other.cancel()
+                    raise PreprocessError(f"worker failed on shard {spec.index} (records {spec.start}.."
+                                          f"{spec.stop - 1}): {type(exc).__name__}: {exc}") from exc
+    drain()
 
 
 def _load_or_write_plan(opts: PreprocessOptions, shards_dir: str, fingerprint: str) -> List[ShardSpec]:

@@ -120,3 +120,29 @@ def test_kill_during_preprocessing_then_rerun_matches_uninterrupted(tmp_path, to
     _same_dataset(out, tmp_path / "uninterrupted")
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["counts"]["documents"] == 16 and manifest["counts"]["images"] == 8
+
+
+class _FailingEncoder:
+    """Pixel encoder stand-ins that fail inside a worker: by raising, or by the worker process dying."""
+
+    @staticmethod
+    def build(mode):
+        from megafusion.encoders.pixel import PixelEncoder
+
+        class Failing(PixelEncoder):
+            def _encode(self, pixels):
+                if mode == "raise":
+                    raise RuntimeError("encoder exploded")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return Failing
+
+
+@pytest.mark.parametrize("mode, needle", [("raise", "encoder exploded"), ("die", "BrokenProcessPool")])
+def test_failing_worker_fails_the_run(tmp_path, inputs, tokenizer_path, mode, needle):
+    from megafusion.encoders import register_encoder
+
+    register_encoder(f"failing-{mode}", _FailingEncoder.build(mode))  # inherited by the forked workers
+    with pytest.raises(PreprocessError, match=needle):
+        run_preprocess(_opts(inputs, tmp_path / "out", tokenizer_path, encoder=f"failing-{mode}", workers=2))
+    assert not (tmp_path / "out" / "manifest.json").exists()
