@@ -42,6 +42,7 @@ class HFVisionEncoder(Encoder):
         with open(os.path.join(self.path, "config.json")) as f:
             model_cfg = json.load(f)
         vision_cfg = model_cfg.get("vision_config", model_cfg)
+        self._vision_cfg = vision_cfg
         self.patch = int(vision_cfg.get("patch_size", 16))
         self.hidden = int(vision_cfg.get("hidden_size", 768))
         native = int(vision_cfg.get("image_size", 224))
@@ -91,6 +92,8 @@ class HFVisionEncoder(Encoder):
             major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
             dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
             model = AutoModel.from_pretrained(self.path, local_files_only=True, **{dtype_key: self._torch_dtype()})
+            if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
+                model = model.vision_model  # a dual encoder folder (SiglipModel, CLIPModel): keep the vision tower
             self._model = model.to(self.device).eval().requires_grad_(False)
         return self._model
 
@@ -113,9 +116,7 @@ class HFVisionEncoder(Encoder):
         return hidden.reshape(b, side, side, self.hidden).permute(0, 3, 1, 2).contiguous()
 
     def _native_resolution(self) -> int:
-        cfg = self.model.config
-        cfg = getattr(cfg, "vision_config", cfg)
-        return int(getattr(cfg, "image_size", self.resolution))
+        return int(self._vision_cfg.get("image_size", self.resolution))
 
     def _decode(self, latents):
         if self._decoder_module is None:
