@@ -222,6 +222,7 @@ class MultimodalDataset:
         self.frame_counts = np.diff(self._latent_docs).astype(np.int64)  # [D]
         self._lat_np_dtype = self._latents.index.dtype
         self._tok_ptr = self._tokens.index.sequence_pointers  # [D] byte offset of each document's tokens
+        self._lat_ptr = self._latents.index.sequence_pointers  # [frames] byte offset of each latent
         self._frame_numel = int(np.prod(self.latent_shape))
 
     def __getstate__(self):
@@ -255,9 +256,8 @@ class MultimodalDataset:
                              f"asked for frames {first}..{first + count - 1}")
         if count == 0:
             return np.zeros((0,) + self.latent_shape, self._lat_np_dtype)
-        pointer, _, _ = self._latents.index[int(self._latent_docs[doc]) + first]
-        flat = self._latents.bin_reader.read(dtype=self._lat_np_dtype, count=count * self._frame_numel,
-                                             offset=int(pointer))
+        pointer = int(self._lat_ptr[int(self._latent_docs[doc]) + first])
+        flat = self._latents.bin_reader.read(dtype=self._lat_np_dtype, count=count * self._frame_numel, offset=pointer)
         return flat.reshape((count,) + self.latent_shape)
 
     def frames_f32(self, doc: int, first: int, count: int) -> np.ndarray:

@@ -119,3 +119,12 @@ def test_pickles_by_path(folder):
     path, docs = folder
     ds = pickle.loads(pickle.dumps(MultimodalDataset(path)))
     assert ds.tokens(5).tolist() == list(docs[5][0])
+
+
+def test_text_only_folder_with_empty_latents(tmp_path):
+    docs = [([ST.bos, 20, 21, ST.eos], np.zeros((0, 4, 8, 8), np.float32)) for _ in range(3)]
+    path = write_dataset(str(tmp_path / "text"), docs)
+    assert os.path.getsize(os.path.join(path, "latents.bin")) == 0
+    ds = MultimodalDataset(path)
+    assert ds.frame_counts.tolist() == [0, 0, 0]
+    assert ds.document(2).latents.shape == (0, 4, 8, 8)
