@@ -16,6 +16,7 @@ _FUNCTIONS = {
     "dense": ("megafusion.model.attention.dense", "dense_attention"),
     "segmented": ("megafusion.model.attention.segmented", "segmented_attention"),
     "flex": ("megafusion.model.attention.flex", "flex_attention_backend"),
+    "te": ("megafusion.model.attention.te", "te_attention"),
 }
 BACKENDS = ("dense", "segmented", "flex", "te")
 
