@@ -8,8 +8,8 @@ IndexedDataset and checks them against `manifest.json` before anything is read:
   - each .idx parses (header, version, dtype code) and its arrays are consistent with its own length and with the
     size of the matching .bin (a truncated .bin or a damaged length table cannot pass)
   - tokens are int32 with exactly one sequence per document; latents are stored as `manifest.latent_storage`
-    ("float32", or "float16" / "bfloat16-as-uint16" as 2-byte bit patterns in a uint16 IndexedDataset, since
-    megatron's DType has no 16-bit float code) and every latent sequence holds C*H*W values
+    ("float32", or "float16-as-uint16" / "bfloat16-as-uint16": 2-byte bit patterns in a uint16 IndexedDataset,
+    since megatron's DType has no 16-bit float code) and every latent sequence holds C*H*W values
   - both datasets hold `manifest.counts.documents` documents
 
 Any failure raises `DatasetFormatError` naming the file and what is wrong. FRAME tokens are counted per document
@@ -42,7 +42,8 @@ DATA_FILES = ("tokens.bin", "tokens.idx", "latents.bin", "latents.idx")
 # latent_storage -> (numpy dtype of the IndexedDataset, dtype the bits mean)
 LATENT_STORAGE = {
     "float32": (np.float32, torch.float32),
-    "float16": (np.uint16, torch.float16),
+    "float16-as-uint16": (np.uint16, torch.float16),
+    "float16": (np.uint16, torch.float16),  # the name docs/DATA_FORMAT.md lists; stored the same way
     "bfloat16-as-uint16": (np.uint16, torch.bfloat16),
 }
 _IDX_HEADER = b"MMIDIDX\x00\x00"

@@ -39,7 +39,7 @@ def write_dataset(folder: str, docs: Sequence[Doc], latent_shape=(4, 8, 8), stor
             flat = np.ascontiguousarray(frame, dtype=np.float32).reshape(-1)
             if storage == "bfloat16-as-uint16":
                 flat = torch.from_numpy(flat).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            elif storage == "float16":
+            elif storage in ("float16", "float16-as-uint16"):
                 flat = flat.astype(np.float16).view(np.uint16)
             lat.add_item(torch.from_numpy(flat.astype(lat_dtype)))
         lat.end_document()
@@ -51,7 +51,8 @@ def write_dataset(folder: str, docs: Sequence[Doc], latent_shape=(4, 8, 8), stor
     for name in ("tokens.bin", "tokens.idx", "latents.bin", "latents.idx"):
         path = os.path.join(folder, name)
         files[name] = {"bytes": os.path.getsize(path), "sha256": _sha(path)}
-    dtype = {"float32": "float32", "float16": "float16", "bfloat16-as-uint16": "bfloat16"}[storage]
+    dtype = {"float32": "float32", "float16": "float16", "float16-as-uint16": "float16",
+             "bfloat16-as-uint16": "bfloat16"}[storage]
     manifest = {
         "format_version": 1,
         "encoder": {"name": "pixel", "config": {}},

@@ -15,12 +15,13 @@ def folder(tmp_path):
     return write_dataset(str(tmp_path / "ds"), docs), docs
 
 
-@pytest.mark.parametrize("storage", ["float32", "bfloat16-as-uint16", "float16"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16-as-uint16", "float16-as-uint16", "float16"])
 def test_documents_read_back(tmp_path, storage):
     docs = random_docs(np.random.default_rng(1), 12)
     ds = MultimodalDataset(write_dataset(str(tmp_path / storage), docs, storage=storage))
     assert len(ds) == 12
-    want_dtype = {"float32": torch.float32, "bfloat16-as-uint16": torch.bfloat16, "float16": torch.float16}[storage]
+    want_dtype = {"float32": torch.float32, "bfloat16-as-uint16": torch.bfloat16, "float16": torch.float16,
+                  "float16-as-uint16": torch.float16}[storage]
     for i, (tokens, latents) in enumerate(docs):
         doc = ds.document(i)
         assert doc.tokens.tolist() == list(tokens)
