@@ -16,14 +16,14 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 from megafusion.preprocess.atomic import write_atomic
 from megafusion.preprocess.documents import DocumentBuilder, latent_storage
 from megafusion.preprocess.options import PreprocessOptions
 from megafusion.preprocess.publish import (FORMAT_VERSION, file_entries, merge_datasets, merge_rejects,
                                            read_manifest, remove_published, sum_stats, write_manifest)
-from megafusion.preprocess.records import count_rows, iter_rows
+from megafusion.preprocess.records import iter_rows
 from megafusion.preprocess.rejects import empty_counts
 from megafusion.preprocess.shards import (Segment, ShardSpec, ShardWriter, finished_stats, plan_shards)
 from megafusion.preprocess.tokenization import TextTokenizer
@@ -258,4 +258,4 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     return manifest
 
 
-__all__ = ["run_preprocess", "process_shard", "PreprocessError", "count_rows"]
+__all__ = ["run_preprocess", "process_shard", "make_builder", "PreprocessError"]

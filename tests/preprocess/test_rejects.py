@@ -12,7 +12,7 @@ import pytest
 
 from megafusion.encoders import register_encoder
 from megafusion.encoders.pixel import PixelEncoder
-from megafusion.preprocess import PreprocessError, PreprocessOptions, run_preprocess
+from megafusion.preprocess import PreprocessOptions, run_preprocess
 from megafusion.preprocess.rejects import REASONS
 
 
