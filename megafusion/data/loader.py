@@ -2,7 +2,8 @@
 
     train_iter, valid_iter = build_data_iterators(cfg, dp_rank, dp_size, consumed_samples)
     batch = next(train_iter)                 # Batch of training.micro_batch_size packed rows
-    train_iter.state_dict()                  # {"consumed_samples": ...} -> pass back on resume
+    train_iter.state_dict()                  # {"consumed_samples": ..., "streams": ...} -> store in checkpoints
+    build_data_iterators(cfg, dp_rank, dp_size, state["consumed_samples"], data_state=state)   # resume
 
 Sources: `data.paths` lists preprocessed dataset folders (indexed.py), split by document into train / valid,
 ordered, packed and blended as described in sampler.py. With `data.paths` empty the rows are generated:
@@ -15,7 +16,9 @@ plan) read tokens and latents, patchify and collate, so reading long inputs over
 num_workers = 0 the same code runs in-process and yields identical batches.
 
 `consumed_samples` counts global samples (all DP ranks) handed to the caller, not those prefetched; it is what a
-checkpoint stores. `valid_iter` is None when there is no validation data; `valid_iter.reset()` restarts it so
+checkpoint stores. `state_dict()` also carries planner snapshots of each packed stream at that point; passing it
+back as `data_state` resumes planning there (otherwise every row since the start is re-planned, which is exact
+but grows with the run). Both paths yield the same batches. `valid_iter` is None when there is no validation data; `valid_iter.reset()` restarts it so
 each evaluation can see the same batches.
 """
 
@@ -44,14 +47,30 @@ class PackedRows:
     """Blended packed rows of one split over several datasets: sample index -> (dataset id, row plan)."""
 
     def __init__(self, datasets: Sequence[MultimodalDataset], streams: Sequence[PackedRowStream],
-                 weights: Sequence[float]):
+                 weights: Sequence[float], fingerprint: dict):
         self.datasets = list(datasets)
         self.streams = list(streams)
         self.blend = BlendIndex(weights)
+        self.fingerprint = fingerprint  # what the plan depends on; a snapshot is only reused when it matches
 
     def plan(self, index: int):
         k, row = self.blend.lookup(index)
         return k, self.streams[k].row(row)
+
+    def state(self, consumed_samples: int) -> Optional[dict]:
+        """Planner snapshots from which samples consumed_samples, ... are planned exactly."""
+        rows = self.blend.counts(consumed_samples) if consumed_samples else [0] * len(self.streams)
+        snaps = [s.snapshot(r) for s, r in zip(self.streams, rows)]
+        if any(snap is None for snap in snaps):
+            return None
+        return {"fingerprint": self.fingerprint, "snapshots": snaps}
+
+    def restore(self, state: dict) -> bool:
+        if state.get("fingerprint") != self.fingerprint or len(state.get("snapshots", ())) != len(self.streams):
+            return False
+        for stream, snap in zip(self.streams, state["snapshots"]):
+            stream.restore(snap)
+        return True
 
 
 class SyntheticRows:
@@ -179,7 +198,12 @@ class DataIterator:
         self._it = None
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
+        state = {"consumed_samples": self.consumed_samples}
+        if isinstance(self.source, PackedRows):
+            streams = self.source.state(self.consumed_samples)
+            if streams is not None:
+                state["streams"] = streams
+        return state
 
 
 # ---------------------------------------------------------------------- building
@@ -215,13 +239,20 @@ def _packed_sources(cfg: Config, datasets: Sequence[MultimodalDataset]) -> Tuple
             weights = [d.weights[k] for k in keep]
         else:
             weights = [s.positions for s in streams]
-        sources.append(PackedRows([datasets[k] for k in keep], streams, weights))
+        fingerprint = {"paths": [datasets[k].folder for k in keep], "documents": [len(datasets[k]) for k in keep],
+                       "split": split, "seed": d.seed, "valid_fraction": d.valid_fraction,
+                       "seq_length": d.seq_length, "patches_per_frame": ppf, "weights": [float(w) for w in weights]}
+        sources.append(PackedRows([datasets[k] for k in keep], streams, weights, fingerprint))
     return sources[0], sources[1]
 
 
-def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1,
-                         consumed_samples: int = 0) -> Tuple[DataIterator, Optional[DataIterator]]:
-    """(train_iter, valid_iter) of Batch micro-batches of training.micro_batch_size for this DP rank."""
+def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
+                         data_state: Optional[dict] = None) -> Tuple[DataIterator, Optional[DataIterator]]:
+    """(train_iter, valid_iter) of Batch micro-batches of training.micro_batch_size for this DP rank.
+
+    `data_state`: a train_iter.state_dict() saved at `consumed_samples`; its planner snapshots let packing
+    continue where it stood instead of re-planning from the start (ignored when it does not match the config).
+    """
     t, d, m = cfg.training, cfg.data, cfg.model
     if t.global_batch_size % (t.micro_batch_size * dp_size):
         raise ValueError(
@@ -238,6 +269,8 @@ def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1,
     else:
         datasets = open_datasets(cfg)
         train_src, valid_src = _packed_sources(cfg, datasets)
+        if data_state and data_state.get("consumed_samples") == consumed_samples and "streams" in data_state:
+            train_src.restore(data_state["streams"])
         train_ds = MicroBatchDataset(datasets=train_src.datasets, **common)
         valid_ds = MicroBatchDataset(datasets=valid_src.datasets, **common) if valid_src else None
     train = DataIterator(train_src, train_ds, t.micro_batch_size, dp_rank, dp_size, consumed_samples, d.num_workers)

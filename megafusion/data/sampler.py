@@ -9,7 +9,9 @@ worker and every resumed run computes the same thing):
    (data.seed, k, s, e); epochs follow each other without a break, giving one endless document stream.
 3. Rows. `RowPlanner` (packing.py) packs that stream greedily into rows of seq_length positions. Row r of
    (dataset k, split s) is therefore fixed; `PackedRowStream` plans rows lazily, keeps only a window of recent
-   rows, and re-plans from the start of the stream if an older row is asked for.
+   rows, and re-plans from the start of the stream if an older row is asked for. It also keeps planner
+   snapshots at document boundaries, so a checkpoint can store where planning stands and a resumed run
+   continues from there instead of re-planning every row since the start (loader.py `data_state`).
 4. Samples. The global sample index i of a split is mapped to (dataset, row) by blending.py (megatron's
    blending index: dataset k receives a fraction weights[k] of the samples, deterministically interleaved).
 5. Micro-batches. Micro-step t covers global samples [t*m*d, (t+1)*m*d) for micro-batch size m and DP size d;
@@ -71,6 +73,16 @@ class PackedRowStream:
         self._epoch = 0
         self._order = epoch_order(self.documents, *self.key, 0)
         self._next_doc = 0
+        self._snapshots: List[dict] = []
+        self._snap()
+
+    def _snap(self) -> None:
+        """Record the planner state at this document boundary (at most one per completed-row count)."""
+        rows = self._base + len(self._planner.rows)
+        if self._snapshots and self._snapshots[-1]["rows"] == rows:
+            return
+        self._snapshots.append({"rows": rows, "epoch": self._epoch, "next_doc": self._next_doc,
+                                "fill": self._planner.fill, "open": [list(s) for s in self._planner._segments]})
 
     def _advance(self) -> None:
         """Feed documents until at least one more row is complete."""
@@ -81,6 +93,7 @@ class PackedRowStream:
                 self._epoch += 1
                 self._order = epoch_order(self.documents, *self.key, self._epoch)
                 self._next_doc = 0
+            self._snap()
             planner.add(int(self._order[self._next_doc]))
             self._next_doc += 1
 
@@ -94,7 +107,30 @@ class PackedRowStream:
                 drop = len(rows) - self.window
                 del rows[:drop]
                 self._base += drop
+                while len(self._snapshots) > 1 and self._snapshots[1]["rows"] <= self._base:
+                    self._snapshots.pop(0)
         return rows[r - self._base]
+
+    def snapshot(self, r: int):
+        """A planner state from which rows r, r+1, ... are re-planned exactly (None if r is no longer covered)."""
+        best = None
+        for snap in self._snapshots:
+            if snap["rows"] > r:
+                break
+            best = snap
+        return dict(best) if best is not None else None
+
+    def restore(self, snap: dict) -> None:
+        """Continue from a `snapshot`: the rows from snap["rows"] on come out as an uninterrupted run's."""
+        self._planner = RowPlanner(self.dataset, self.seq_length, self.ppf)
+        self._planner.fill = int(snap["fill"])
+        self._planner._segments = [tuple(int(v) for v in seg) for seg in snap["open"]]
+        self._base = int(snap["rows"])
+        self._epoch = int(snap["epoch"])
+        self._order = epoch_order(self.documents, *self.key, self._epoch)
+        self._next_doc = int(snap["next_doc"])
+        self._snapshots = []
+        self._snap()
 
     @property
     def epoch(self) -> int:

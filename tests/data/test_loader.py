@@ -60,7 +60,7 @@ def test_round_trip_latents_equal_stored(folders):
     assert len(tokens) >= len(want_tokens)
     assert tokens[: len(want_tokens)] == want_tokens
     assert all(np.array_equal(a, b) for a, b in zip(frames, want_frames))
-    assert train.state_dict() == {"consumed_samples": 80}
+    assert train.state_dict()["consumed_samples"] == 80
 
 
 def test_worker_loader_equals_in_process(folders):
@@ -82,7 +82,7 @@ def test_resume_mid_epoch_matches_uninterrupted(folders, synthetic):
     it = build_data_iterators(cfg, 0, 1, 0)[0]
     _take(it, 7)
     state = it.state_dict()
-    assert state == {"consumed_samples": 14}
+    assert state["consumed_samples"] == 14
     resumed = _take(build_data_iterators(cfg, 0, 1, state["consumed_samples"])[0], 13)
     assert all(_equal(x, y) for x, y in zip(full[7:], resumed))
     assert not _equal(full[0], full[7])
@@ -135,3 +135,20 @@ def test_config_mismatch_is_named(folders):
         build_data_iterators(cfg, 0, 1, 0)
     with pytest.raises(ValueError, match="global_batch_size=4 is not a multiple"):
         build_data_iterators(_cfg([folders[0]]), 0, 3, 0)
+
+
+def test_resume_from_data_state_skips_replanning(folders):
+    cfg = _cfg([folders[0], folders[2]])
+    full = _take(build_data_iterators(cfg, 0, 1, 0)[0], 20)
+    it = build_data_iterators(cfg, 0, 1, 0)[0]
+    _take(it, 9)
+    state = it.state_dict()
+    assert state["consumed_samples"] == 18 and len(state["streams"]["snapshots"]) == 2
+    resumed = build_data_iterators(cfg, 0, 1, 18, data_state=state)[0]
+    assert [s._base for s in resumed.source.streams] == [s["rows"] for s in state["streams"]["snapshots"]]
+    assert any(s._base > 0 for s in resumed.source.streams)
+    assert all(_equal(x, y) for x, y in zip(full[9:], _take(resumed, 11)))
+    # a state from another configuration is not used (planning restarts from the beginning, still exact)
+    other = _cfg([folders[0], folders[2]], seq_length=64)
+    fresh = build_data_iterators(other, 0, 1, 18, data_state=state)[0]
+    assert all(s._base == 0 for s in fresh.source.streams)

@@ -87,3 +87,20 @@ def test_micro_batches_disjoint_and_complete_across_dp():
         MicroBatchSampler(m, 0, dp, consumed_samples=5)
     it = iter(MicroBatchSampler(m, 1, dp, consumed_samples=24))
     assert next(it) == [27, 28, 29] and next(it) == [39, 40, 41]
+
+
+def test_snapshot_restore_continues_exactly(dataset):
+    docs = np.arange(len(dataset))
+    make = lambda: PackedRowStream(dataset, docs, 40, PPF, seed=3, dataset_index=0, split=0, window=8)  # noqa: E731
+    ref = make()
+    rows = [ref.row(r) for r in range(200)]
+    for r in (0, 1, 57, 150):
+        live = make()
+        for i in range(r + 5):  # the live stream has planned ahead of r, as a prefetching loader would
+            live.row(i)
+        snap = live.snapshot(r)
+        assert snap is not None and snap["rows"] <= r
+        resumed = make()
+        resumed.restore(snap)
+        assert all(np.array_equal(resumed.row(i), rows[i]) for i in range(r, 200))
+    assert live.snapshot(0) is None  # trimmed away with its rows
