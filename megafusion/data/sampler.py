@@ -20,7 +20,8 @@ worker and every resumed run computes the same thing):
    step are disjoint, and together they are complete.
 6. Resume. consumed_samples (a multiple of m*d) is the number of global samples consumed before this run;
    it restarts at micro-step consumed_samples / (m*d), which yields exactly the samples an uninterrupted run
-   would have seen next.
+   would have seen next. Rows are re-planned from the start of each stream (exact, cost grows with the run)
+   unless the checkpoint's planner snapshots are given back, which continue the plan where it stood.
 """
 
 from __future__ import annotations
