@@ -127,3 +127,33 @@ def test_roundtrip_vae_encoder(tmp_path, tokenizer_path):
     assert len(latents) == len(flat) == 1 + 2 + 3
     for k, want in enumerate(flat):  # batched in the pipeline, one by one here
         np.testing.assert_allclose(latents[k].reshape(4, 4, 4), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("latent_dtype", ["float32", "bfloat16"])
+def test_output_opens_with_the_dataset_reader(tmp_path, tokenizer_path, latent_dtype):
+    """The contract end to end: megafusion.data.indexed validates (sizes, sha256, FRAME counts) and reads it."""
+    from corpus import mixed_rows, write_parquet
+
+    from megafusion.data.indexed import MultimodalDataset
+
+    rows = mixed_rows(8, seed=9)
+    parquet = write_parquet(str(tmp_path / "m.parquet"), rows)
+    text_only = tmp_path / "t.jsonl"
+    text_only.write_text('{"text": "a red cat"}\n{"text": "a dog near the river"}\n')
+    out, out_text = str(tmp_path / "out"), str(tmp_path / "out_text")
+    common = dict(tokenizer=tokenizer_path, encoder_config={"resolution": 8}, latent_dtype=latent_dtype,
+                  min_image_size=8, seq_length=64, progress=False)
+    run_preprocess(PreprocessOptions(inputs=[parquet], output=out, records_per_shard=3, **common))
+    run_preprocess(PreprocessOptions(inputs=[str(text_only)], output=out_text, **common))
+    ds = MultimodalDataset(out, verify_checksums=True)
+    assert len(ds) == 8
+    enc = build_encoder("pixel", resolution=8)
+    from PIL import Image
+
+    want = enc.prepare(Image.open(io.BytesIO(rows[1]["image"])))  # row 1 is an image-text pair
+    tol = 0 if latent_dtype == "float32" else 1e-2
+    np.testing.assert_allclose(ds.frames_f32(1, 0, 1)[0], want, atol=tol, rtol=tol)
+    for doc in range(len(ds)):
+        ds.frame_positions(doc)  # FRAME count == latent sequences, else DatasetFormatError
+    text_ds = MultimodalDataset(out_text, verify_checksums=True)  # empty latents.bin
+    assert len(text_ds) == 2 and text_ds.document(0).latents.shape[0] == 0
