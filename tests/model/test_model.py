@@ -4,6 +4,7 @@ sharded state dict, patchify helpers."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import pytest
@@ -150,6 +151,35 @@ def test_padded_vocab_follows_megatron_convention():
     model = build(config)
     assert model.embedding.word_embeddings.weight.shape[0] == 256
     assert model.output_layer.weight.shape[0] == 256
+
+
+def test_tied_lm_head_uses_the_word_embedding():
+    model = build(make_config(share_embeddings_and_output_weights=True))
+    assert model.output_layer.weight is None
+    batch = mixed_batch(model.config)
+    hidden = {}
+    model.decoder.final_layernorm.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    out = model(batch)
+    expected = hidden["h"] @ model.embedding.word_embeddings.weight.t()
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+    loss_of(out, batch).backward()
+    assert model.embedding.word_embeddings.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megafusion.model.attention.segmented") is None,
+                    reason="megafusion/model/attention/segmented.py is not written yet")
+def test_segmented_backend_matches_dense():
+    dense = build(make_config(backend="dense"))
+    segmented = build(make_config(backend="segmented"))
+    segmented.load_state_dict(dense.state_dict())
+    batch = mixed_batch(dense.config)
+    outs = [m(batch) for m in (dense, segmented)]
+    assert torch.allclose(outs[0].logits, outs[1].logits, atol=1e-5)
+    assert torch.allclose(outs[0].velocity, outs[1].velocity, atol=1e-5)
+    for m, o in zip((dense, segmented), outs):
+        loss_of(o, batch).backward()
+    for (name, a), b in zip(dense.named_parameters(), segmented.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
 
 
 # ---------------------------------------------------------------------------------------------- modality FFN

@@ -1,5 +1,5 @@
-"""Tensor parallelism: MultimodalModel at TP=2 on 2 gloo processes gives the TP=1 loss and gradients on the same
-weights (the TP=1 weights sharded by hand following megatron's layouts)."""
+"""Model parallelism on 2 gloo processes: MultimodalModel at TP=2 (the TP=1 weights sharded by hand following
+megatron's layouts) and as two pipeline stages gives the single-process loss and gradients on the same weights."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from distributed import run_distributed
 BACKENDS = ["dense"] + (["segmented"] if importlib.util.find_spec("megafusion.model.attention.segmented") else [])
 
 
-def _make_config(tp: int, backend: str):
+def _make_config(tp: int, backend: str, pp: int = 1):
     from megafusion.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, TrainingConfig
     from megafusion.model.transformer_config import build_transformer_config
 
@@ -25,7 +25,7 @@ def _make_config(tp: int, backend: str):
                           vocab_size=200, latent_channels=4, latent_size=4, patch_size=2, attention_backend=backend,
                           transformer_impl="local"),
         data=DataConfig(seq_length=64),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp),
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         training=TrainingConfig(precision="fp32"),
     )
     return build_transformer_config(cfg)
@@ -68,6 +68,68 @@ def _shard(name: str, full: torch.Tensor, param: torch.Tensor, gated: bool, rank
 def _tp_worker(rank, world_size, out_dir, backends):
     for backend in backends:
         _compare_tp2_with_tp1(rank, out_dir, backend)
+    _compare_pp2_with_pp1(rank, out_dir)
+
+
+def _compare_pp2_with_pp1(rank, out_dir):
+    """Two pipeline stages driven by hand (send/recv of [s, b, h] and its gradient; megatron's schedules are the
+    training loop's business): stage 0 embeds, stage 1 takes set_input_tensor and returns ModelOutput; both build
+    the layout from the same Batch. Loss and gradients equal the one-stage model's."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megafusion.model import ModelOutput, MultimodalModel
+
+    ps.initialize_model_parallel(1, 1)
+    config1 = _make_config(1, "dense")
+    torch.manual_seed(0)
+    reference = MultimodalModel(config1)
+    batch = _batch(config1)
+    loss1 = _loss(reference(batch), batch)
+    loss1.backward()
+    weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    ps.destroy_model_parallel()
+
+    ps.initialize_model_parallel(1, 2)
+    config2 = _make_config(1, "dense", pp=2)
+    first, last = rank == 0, rank == 1
+    stage = MultimodalModel(config2, pre_process=first, post_process=last)
+    assert len(stage.decoder.layers) == 1
+
+    def global_name(name):
+        if name.startswith("decoder.layers."):
+            local, rest = name[len("decoder.layers."):].split(".", 1)
+            return f"decoder.layers.{stage.decoder.layers[int(local)].layer_number - 1}.{rest}"
+        return name
+
+    names = {global_name(n): p for n, p in stage.named_parameters()}
+    with torch.no_grad():
+        for name, param in names.items():
+            param.copy_(weights[name])
+    shape = (batch.seq_length, batch.batch_size, config2.hidden_size)
+    report = {"loss1": loss1.item(), "grad_rel": {}}
+    if first:
+        hidden = stage(batch)
+        assert not isinstance(hidden, ModelOutput) and tuple(hidden.shape) == shape
+        dist.send(hidden.detach().contiguous(), dst=1)
+        grad = torch.empty(shape)
+        dist.recv(grad, src=1)
+        hidden.backward(grad)
+    else:
+        received = torch.empty(shape)
+        dist.recv(received, src=0)
+        received.requires_grad_(True)
+        stage.set_input_tensor(received)
+        loss2 = _loss(stage(batch), batch)
+        loss2.backward()
+        dist.send(received.grad.contiguous(), dst=0)
+        report["loss2"] = loss2.item()
+    for name, param in names.items():
+        report["grad_rel"][name] = ((param.grad - grads[name]).norm() / grads[name].norm().clamp_min(1e-30)).item()
+    ps.destroy_model_parallel()
+    with open(os.path.join(out_dir, f"pp_rank{rank}.json"), "w") as f:
+        json.dump(report, f)
 
 
 def _compare_tp2_with_tp1(rank, out_dir, backend):
@@ -110,11 +172,17 @@ def _compare_tp2_with_tp1(rank, out_dir, backend):
 
 
 @pytest.mark.distributed
-def test_tp2_loss_and_gradients_equal_tp1(tmp_path):
+def test_tp2_and_pp2_loss_and_gradients_equal_single_process(tmp_path):
     run_distributed(_tp_worker, world_size=2, args=(str(tmp_path), BACKENDS))
     for backend in BACKENDS:
         for rank in range(2):
             _check(json.loads((tmp_path / f"{backend}_rank{rank}.json").read_text()), backend, rank)
+    stages = [json.loads((tmp_path / f"pp_rank{rank}.json").read_text()) for rank in range(2)]
+    stages[0]["loss2"] = stages[1]["loss2"]
+    assert set(stages[0]["grad_rel"]) | set(stages[1]["grad_rel"]) >= {"embedding.word_embeddings.weight",
+                                                                     "output_layer.weight"}
+    for rank, report in enumerate(stages):
+        _check(report, "pipeline stage", rank)
 
 
 def _check(report, backend, rank):
