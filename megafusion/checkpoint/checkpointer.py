@@ -162,7 +162,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, *, scheduler=None, loss_
                        "fresh", path)
     dist_io.load_sharded(path, model_chunks, optimizer if want_optimizer else None,
                          saved.optimizer_format if want_optimizer else None, strict=strict)
-    _restore("scheduler", scheduler, saved.scheduler, path)
+    if want_optimizer:  # like megatron's --no-load-optim: weights-only loads keep this run's LR schedule
+        _restore("scheduler", scheduler, saved.scheduler, path)
     _restore("loss_weighting", loss_weighting, saved.loss_weighting, path)
     rng_restored = load_rng(path, _rank(), saved.layout, current)
     if _rank() == 0:

@@ -152,6 +152,89 @@ def check_optimizer_layout(fmt: Optional[str], saved: ParallelLayout, current: P
     )
 
 
+def _torch_adam_fallback() -> bool:
+    """True when megatron's DistributedOptimizer runs on torch's Adam (neither Apex nor Transformer Engine)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _prepare_fresh_distributed_optimizer(optimizer) -> None:
+    """Give a DistributedOptimizer that has not stepped yet its state tensors, so it can build a loading
+    sharded state dict.
+
+    megatron-core 0.16.1 with torch Adam: DistributedOptimizer.state_dict() reads each param's `step` and fails on
+    a fresh optimizer. megatron's own remedy, `_init_optimizer_states_with_dummy_values` (one step on zero
+    gradients), runs with lr = weight_decay = 0 so no parameter moves; the load then overwrites the dummy state."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not _torch_adam_fallback():
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state) > 0:
+            continue
+        saved = [(g, g.get("lr"), g.get("weight_decay")) for g in opt.optimizer.param_groups]
+        for group, _, _ in saved:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+        try:
+            opt._init_optimizer_states_with_dummy_values()
+        finally:
+            for group, lr, wd in saved:
+                group["lr"], group["weight_decay"] = lr, wd
+
+
+@contextlib.contextmanager
+def _step_tolerant_param_state_load() -> Iterator[None]:
+    """megatron-core 0.16.1 with torch Adam: DistributedOptimizer.load_state_dict puts a shared `step` tensor into
+    every param's state, then load_parameter_state_from_fully_reshardable / _from_fs_model_space skip `step` in
+    the loaded tensors while `_set_main_param_and_optimizer_states` copies every key of the destination state, so
+    the load dies with KeyError 'step' (fully_reshardable, fully_sharded_model_space), or copies a placeholder
+    step over the restored one (dp_reshardable). While a load runs, the step restored by load_state_dict from the
+    saved param_groups is set aside around that copy and put back. No-op with Apex / Transformer Engine (their Adam keeps step per group)."""
+    if not _torch_adam_fallback():
+        yield
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__dict__["_set_main_param_and_optimizer_states"]
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        # the step restored from param_groups by load_state_dict is authoritative; a `step` among the loaded
+        # tensors (dp_reshardable) is the pre-load placeholder
+        tensors = {k: v for k, v in tensors.items() if k != "step"}
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1 with torch Adam: DistributedOptimizer.load_state_dict gives every param the *same*
+    `step` tensor, and torch Adam increments each param's step in place, so the next update would count one step
+    per parameter and get Adam's bias correction wrong. Give each param its own copy."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not _torch_adam_fallback():
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            for state in opt.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 def _sharded_state_dict(model_chunks, optimizer, fmt: Optional[str], is_loading: bool) -> dict:
     state = model_sharded_state_dict(model_chunks)
@@ -189,11 +272,17 @@ def load_sharded(folder: Path, model_chunks, optimizer=None, optimizer_fmt: Opti
                 f"is {type(optimizer).__name__} ({current_fmt!r}); match parallel.use_distributed_optimizer to "
                 f"the saved run or set checkpoint.load_optimizer=false")
     fmt = optimizer_fmt if optimizer is not None else None
+    if optimizer is not None:
+        _prepare_fresh_distributed_optimizer(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, fmt, is_loading=True)
     loaded = dist_checkpointing.load(state, str(folder))
     _load_model(model_chunks, loaded, strict)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: megatron's dp_reshardable load copies into main params that, for fp32 models, are views of
+        # the (grad-requiring) model params
+        with _step_tolerant_param_state_load(), torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
 
 
 def _sharding_of(fmt: Optional[str]) -> str:

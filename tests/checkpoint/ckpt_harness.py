@@ -26,7 +26,7 @@ MBS = 2
 NUM_MICROBATCHES = 2
 
 
-def make_cfg(tp: int = 1, distributed_optimizer: bool = False) -> Config:
+def make_cfg(tp: int = 1, distributed_optimizer: bool = True) -> Config:
     return Config(
         parallel=ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=distributed_optimizer),
         optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.1, clip_grad=1.0),

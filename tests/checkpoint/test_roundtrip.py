@@ -1,4 +1,4 @@
-"""Save -> load of model + DistributedOptimizer + LR schedule + loss-weighting EMA + data position + RNG is
+"""Save -> load of model + optimizer (DistributedOptimizer, and a non-distributed one) + LR schedule + loss-weighting EMA + data position + RNG is
 bit-exact, and training continues exactly as if it had never stopped. One process (gloo)."""
 
 import json
@@ -17,6 +17,13 @@ def _draws():
 
 
 def _roundtrip_worker(rank, world_size, root):
+    results = {name: _roundtrip(os.path.join(root, name), distributed)
+               for name, distributed in (("distributed", True), ("param_space", False))}
+    with open(os.path.join(root, "result.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _roundtrip(root, distributed_optimizer):
     from ckpt_harness import build, full_weights, make_cfg, optimizer_tensors, train_step
 
     from megafusion.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -24,7 +31,7 @@ def _roundtrip_worker(rank, world_size, root):
     from megafusion.config.schema import ObjectiveConfig
     from megafusion.objectives.loss_weighting import build_loss_weighting
 
-    cfg = make_cfg(tp=1)
+    cfg = make_cfg(tp=1, distributed_optimizer=distributed_optimizer)
     chunks, optimizer, scheduler = build(cfg, seed=1)
     weighting = build_loss_weighting(ObjectiveConfig(loss_weighting="adaptive"))
     for step in range(2):
@@ -68,6 +75,7 @@ def _roundtrip_worker(rank, world_size, root):
         "config_yaml": loaded.config_yaml,
         "optimizer_loaded": loaded.optimizer_loaded,
         "rng_restored": loaded.rng_restored,
+        "format": loaded_format(path),
     }
     train_step(chunks2, optimizer2, scheduler2, 2)
     result["continues_exactly"] = all(torch.equal(full_weights(chunks2)[k], v) for k, v in continued.items())
@@ -75,15 +83,21 @@ def _roundtrip_worker(rank, world_size, root):
     for step in (3, 4):
         save_checkpoint(root, TrainState(step=step), chunks2, optimizer2, scheduler=scheduler2, keep_last=2)
     result["published"] = [p.name for _, p in list_published(root)]
-    with open(os.path.join(root, "result.json"), "w") as f:
-        json.dump(result, f)
+    result["latest"] = open(os.path.join(root, "latest")).read().strip()
+    return result
+
+
+def loaded_format(path):
+    from megafusion.checkpoint.train_state import read_train_state
+
+    return read_train_state(path).optimizer_format
 
 
 @pytest.mark.distributed
-def test_save_load_round_trip_is_bit_exact(tmp_path):
-    root = tmp_path / "ckpt"
-    run_distributed(_roundtrip_worker, world_size=1, args=(str(root),))
-    r = json.loads((root / "result.json").read_text())
+@pytest.mark.parametrize("optimizer_kind", ["distributed", "param_space"])
+def test_save_load_round_trip_is_bit_exact(results, optimizer_kind):
+    r = results[optimizer_kind]
+    assert r["format"] == {"distributed": "distributed:fully_reshardable", "param_space": "param_space"}[optimizer_kind]
     assert r["weights_equal"] and r["num_weights"] > 5
     assert r["moments_equal"] and r["num_moments"] > 5  # Adam exp_avg / exp_avg_sq restored bit-exactly
     assert r["sched_equal"], r["sched"]
@@ -93,6 +107,11 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert r["config_yaml"].startswith("model:")
     assert r["optimizer_loaded"] and r["rng_restored"] and r["draws_equal"]
     assert r["continues_exactly"]  # the next step after resume equals the uninterrupted run's, bit for bit
-    assert r["published"] == ["iter_0000003", "iter_0000004"]
-    assert (root / "latest").read_text().strip() == "iter_0000004"
-    assert (root / "iter_0000004" / "config.yaml").exists() is False  # no config given for that save
+    assert r["published"] == ["iter_0000003", "iter_0000004"] and r["latest"] == "iter_0000004"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("roundtrip")
+    run_distributed(_roundtrip_worker, world_size=1, args=(str(root),))  # one launch for both optimizers
+    return json.loads((root / "result.json").read_text())
