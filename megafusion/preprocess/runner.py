@@ -190,6 +190,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     if existing is not None:
         if existing.get("fingerprint") == fingerprint:
             _log(f"{opts.output} is already complete (same inputs and settings); nothing to do")
+            if not opts.keep_shards:  # a run killed between publishing and cleaning up
+                shutil.rmtree(os.path.join(opts.output, "shards"), ignore_errors=True)
             return existing
         if not opts.overwrite:
             raise PreprocessError(f"{opts.output} already holds a dataset made by a different command; pass "
