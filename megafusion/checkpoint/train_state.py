@@ -4,8 +4,8 @@ Files inside a checkpoint folder (written into the staging folder before it is p
 
     train_state.pt        rank 0: TrainState counters, scheduler / loss-weighting / data state_dicts, layout
     config.yaml           rank 0: the resolved config, human-readable
-    rng/rank_XXXXX.pt     every rank: python, numpy, torch CPU (and CUDA + megatron's model-parallel CUDA RNG
-                          tracker when CUDA is present) generator states
+    rng/rank_XXXXX.pt     every rank: python, numpy, torch CPU (+ CUDA when present) generator states, and
+                          megatron's model-parallel RNG tracker states when it is initialised
 
 `ParallelLayout` names the layout a checkpoint was saved with (tp, pp, ep, dp, vp sizes, world size); load
 compares it with the current one. RNG states are restored only when the world size and layout are unchanged
@@ -169,13 +169,22 @@ def capture_rng_state() -> Dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-        try:
-            from megatron.core import tensor_parallel
-
-            state["megatron_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-        except Exception:  # tracker not initialised (no model_parallel_cuda_manual_seed): nothing to keep
-            pass
+    tracker = _megatron_tracker()
+    if tracker is not None:
+        # megatron's named model-parallel streams (dropout / init under tensor parallelism): CUDA generator states
+        # on GPU, CPU generator states under megafusion.parallel.cpu_compat's tracker
+        state["megatron_tracker"] = tracker.get_states()
     return state
+
+
+def _megatron_tracker():
+    """megatron's RNG tracker when model_parallel_cuda_manual_seed initialised it, else None."""
+    try:
+        from megatron.core import tensor_parallel
+    except ImportError:
+        return None
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    return tracker if tracker.is_initialized() else None
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
@@ -184,10 +193,12 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    if "megatron_tracker" in state and torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+    if "megatron_tracker" in state:
+        tracker = _megatron_tracker()
+        if tracker is None:
+            raise RuntimeError("the checkpoint holds megatron RNG tracker states but this process has no initialised "
+                               "tracker: load after megafusion.parallel.initialize_parallel (which seeds it)")
+        tracker.set_states(state["megatron_tracker"])
 
 
 def rng_path(folder: Path, rank: int) -> Path:

@@ -13,7 +13,11 @@ from distributed import run_distributed
 
 
 def _draws():
-    return [random.random(), float(np.random.rand()), float(torch.rand(1))]
+    from megatron.core import tensor_parallel
+
+    with tensor_parallel.get_cuda_rng_tracker().fork():  # megatron's model-parallel stream (dropout under TP)
+        tracked = float(torch.rand(1))
+    return [random.random(), float(np.random.rand()), float(torch.rand(1)), tracked]
 
 
 def _roundtrip_worker(rank, world_size, root):
@@ -53,6 +57,7 @@ def _roundtrip(root, distributed_optimizer):
     weighting2 = build_loss_weighting(ObjectiveConfig(loss_weighting="adaptive"))
     train_step(chunks2, optimizer2, scheduler2, 7)
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    _draws()  # advance every stream, megatron's tracked one included
     assert not torch.equal(full_weights(chunks2)["decoder.layers.0.mlp.linear_fc1.weight"],
                            saved_weights["decoder.layers.0.mlp.linear_fc1.weight"])
     # ...restored from the checkpoint `auto` finds
