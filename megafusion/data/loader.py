@@ -12,8 +12,9 @@ and DP-shardable by the same sample indices.
 
 Work split: the main process plans (which documents and token ranges form each row: metadata only, cheap);
 `data.num_workers` background processes (torch DataLoader over `MicroBatchDataset`, indexed by the micro-batch
-plan) read tokens and latents, patchify and collate, so reading long inputs overlaps the training step. With
-num_workers = 0 the same code runs in-process and yields identical batches.
+plan) read tokens and latents, patchify and collate, so reading long inputs overlaps the training step; finished
+batches come back through a shared-memory ring (`BatchRing`). With num_workers = 0 the same code runs in-process
+and yields identical batches.
 
 `consumed_samples` counts global samples (all DP ranks) handed to the caller, not those prefetched; it is what a
 checkpoint stores. `state_dict()` also carries planner snapshots of each packed stream at that point; passing it
@@ -101,41 +102,72 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         k, segments = plan
         return layout_row(self.datasets[k], segments, self.patch_size)
 
-    def __getitem__(self, plans):
-        batch = collate([self.row(p) for p in plans], self.seq_length, self.patch_dim)
-        if torch.utils.data.get_worker_info() is not None:
-            return SharedBatch.pack(batch)
-        return batch
+    def __getitem__(self, plans) -> Batch:
+        return collate([self.row(p) for p in plans], self.seq_length, self.patch_dim)
+
+    def max_batch_bytes(self, micro_batch_size: int) -> int:
+        """Bytes of the largest possible Batch (every position a latent one), fields 8-byte aligned."""
+        n = micro_batch_size * self.seq_length
+        per_field = [8 * n] * 6 + [4 * n, n, 4 * n * self.patch_dim, 4 * n * self.patch_dim, 4 * n]
+        return sum(-(-size // 8) * 8 for size in per_field)
 
 
-class SharedBatch:
-    """A Batch packed into one shared-memory buffer, so a worker hands over one segment instead of one per field
-    (torch passes each shared storage as its own file descriptor, which costs more than the copy)."""
+class BatchRing:
+    """Shared-memory slots that workers write finished batches into; the main process copies each batch out.
 
-    def __init__(self, meta, buffer: torch.Tensor):
-        self.meta, self.buffer = meta, buffer
+    Handing a worker's batch over as fresh shared tensors costs the main process a file descriptor per storage,
+    a new mapping and a page fault per 4 KiB on first touch: more than building the batch. The ring is mapped
+    once; task `seq` writes slot seq % slots and only a small field table travels through the queue. A slot is
+    rewritten only by task seq + slots, which DataLoader dispatches after task seq has been handed back (it keeps
+    at most prefetch_factor * num_workers tasks in flight), and the main process copies the batch out first.
+    """
 
-    @classmethod
-    def pack(cls, batch: Batch) -> "SharedBatch":
+    def __init__(self, slots: int, slot_bytes: int):
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.buffer = torch.empty(slots * slot_bytes, dtype=torch.uint8).share_memory_()
+
+    def write(self, seq: int, batch: Batch):
+        flat = self.buffer.numpy()
+        base = (seq % self.slots) * self.slot_bytes
         meta, offset = [], 0
         for f in dataclasses.fields(Batch):
             value = getattr(batch, f.name)
-            if value is not None:
-                meta.append((f.name, value.dtype, tuple(value.shape), offset))
-                offset += -(-value.numel() * value.element_size() // 8) * 8  # keep every field 8-byte aligned
-        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))
-        flat = buffer.numpy()
-        for name, _, _, off in meta:
-            src = getattr(batch, name).numpy().reshape(-1).view(np.uint8)
-            flat[off: off + src.size] = src
-        return cls(meta, buffer)
+            if value is None:
+                continue
+            src = value.numpy().reshape(-1).view(np.uint8)
+            if offset + src.size > self.slot_bytes:
+                raise RuntimeError(f"batch of {offset + src.size}+ bytes exceeds the ring slot of {self.slot_bytes}")
+            flat[base + offset: base + offset + src.size] = src
+            meta.append((f.name, value.numpy().dtype.str, tuple(value.shape), offset))
+            offset += -(-src.size // 8) * 8
+        return _RingRef(seq, meta)
 
-    def unpack(self) -> Batch:
+    def read(self, ref: "_RingRef") -> Batch:
+        flat = self.buffer.numpy()
+        base = (ref.seq % self.slots) * self.slot_bytes
         fields = {}
-        for name, dtype, shape, off in self.meta:
-            size = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-            fields[name] = self.buffer[off: off + size].view(dtype).view(shape)
+        for name, dtype, shape, offset in ref.meta:
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            view = flat[base + offset: base + offset + count * dt.itemsize].view(dt).reshape(shape)
+            fields[name] = torch.from_numpy(view.copy())
         return Batch(**fields)
+
+
+class _RingRef:
+    def __init__(self, seq: int, meta):
+        self.seq, self.meta = seq, meta
+
+
+class _RingDataset(torch.utils.data.Dataset):
+    """Worker side of the ring: key (seq, plans) -> batch written into slot seq % slots."""
+
+    def __init__(self, dataset: MicroBatchDataset, ring: BatchRing):
+        self.dataset, self.ring = dataset, ring
+
+    def __getitem__(self, key):
+        seq, plans = key
+        return self.ring.write(seq, self.dataset[plans])
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -145,8 +177,8 @@ class _PlanSampler(torch.utils.data.Sampler):
         self.source, self.sampler = source, sampler
 
     def __iter__(self):
-        for indices in self.sampler:
-            yield [self.source.plan(i) for i in indices]
+        for seq, indices in enumerate(self.sampler):
+            yield seq, [self.source.plan(i) for i in indices]
 
 
 def _identity(x):
@@ -168,21 +200,24 @@ class DataIterator:
         self.consumed_samples = consumed_samples
         self._step = sampler.samples_per_micro_step
         plans = _PlanSampler(self.source, sampler)
+        self._ring = None
         if self.num_workers > 0:
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=plans,
-                                                 num_workers=self.num_workers, collate_fn=_identity,
-                                                 prefetch_factor=4, persistent_workers=False)
-            self._it: Iterator[Batch] = iter(loader)
+            prefetch = 4
+            self._ring = BatchRing(prefetch * self.num_workers + 2, self.dataset.max_batch_bytes(self.micro_batch_size))
+            loader = torch.utils.data.DataLoader(_RingDataset(self.dataset, self._ring), batch_size=None,
+                                                 sampler=plans, num_workers=self.num_workers, collate_fn=_identity,
+                                                 prefetch_factor=prefetch, persistent_workers=False)
+            self._it: Iterator = iter(loader)
         else:
-            self._it = (self.dataset[p] for p in plans)
+            self._it = (self.dataset[p] for _, p in plans)
 
     def __iter__(self) -> "DataIterator":
         return self
 
     def __next__(self) -> Batch:
         batch = next(self._it)
-        if isinstance(batch, SharedBatch):
-            batch = batch.unpack()
+        if isinstance(batch, _RingRef):
+            batch = self._ring.read(batch)
         self.consumed_samples += self._step
         return batch
 
@@ -196,6 +231,7 @@ class DataIterator:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._it = None
+        self._ring = None
 
     def state_dict(self) -> dict:
         state = {"consumed_samples": self.consumed_samples}
