@@ -41,7 +41,7 @@ def noisy_microbatches(
 def _loss_func(batch: Batch, weighting, output) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     breakdown = compute_losses(output, batch, weighting)
     report = {
-        "loss": breakdown.total.detach().float(),
+        "loss": breakdown.total.detach().clone().float(),  # megatron divides the returned loss in place
         "loss_ce": torch.as_tensor(breakdown.ce, dtype=torch.float32).detach(),
         "loss_fm": torch.as_tensor(breakdown.fm, dtype=torch.float32).detach(),
         "weight_ce": torch.as_tensor(breakdown.ce_weight, dtype=torch.float32).detach(),

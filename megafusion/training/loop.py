@@ -67,7 +67,9 @@ class Trainer:
         self.flops_per_step = flops_per_step(build_transformer_config(cfg), mix)
         self.total_steps = t.train_steps if t.train_steps is not None else steps_from_flops_budget(
             t.flops_budget, self.flops_per_step)
-        self.scheduler = build_lr_scheduler(cfg, self.optimizer, self.total_steps)
+        # train_steps=0 (a seed checkpoint) takes no step; any valid schedule length will do.
+        schedule_steps = self.total_steps or cfg.optimizer.warmup_steps + 1
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer, schedule_steps)
         self.weighting = build_loss_weighting(cfg.objective)
         self.guard = NanGuard(cfg.training.nan_policy)
         self.state = TrainState()
@@ -174,7 +176,9 @@ class Trainer:
         if self.last_saved_step == self.state.step:
             return
         self.last_saved_step = self.state.step
-        save_checkpoint(self.save_dir, self.state, self.model, self.optimizer, scheduler=self.scheduler,
+        # Before the first update the optimizer has no state to save (a seed checkpoint holds weights only).
+        optimizer = self.optimizer if self.state.step > 0 else None
+        save_checkpoint(self.save_dir, self.state, self.model, optimizer, scheduler=self.scheduler,
                         loss_weighting=self.weighting, data_state=self.train_iter.state_dict(),
                         config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last, nan_guard=self.guard)
 

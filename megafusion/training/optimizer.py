@@ -108,9 +108,9 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]) -> Megatro
 
 def build_lr_scheduler(cfg: Config, optimizer: MegatronOptimizer, total_steps: int) -> OptimizerParamScheduler:
     o = cfg.optimizer
-    if total_steps < max(1, o.warmup_steps):
+    if total_steps < 1 or total_steps <= o.warmup_steps:  # megatron asserts warmup < decay steps
         raise ValueError(
-            f"total_steps={total_steps} must be >= 1 and >= optimizer.warmup_steps={o.warmup_steps}; lower "
+            f"total_steps={total_steps} must be >= 1 and > optimizer.warmup_steps={o.warmup_steps}; lower "
             "optimizer.warmup_steps or raise training.train_steps"
         )
     return OptimizerParamScheduler(

@@ -19,7 +19,6 @@ BASE = [
     "logging.tensorboard=false",
     "optimizer.warmup_steps=1",
     "checkpoint.save_at_end=false",
-    "model.attention_backend=dense",
 ]
 
 
