@@ -28,11 +28,18 @@ Adaptations (megatron-core 0.16.1):
      weight init) is reproducible and distinct per tensor-parallel rank. tensor_parallel.random._get_cuda_rng_state
      / _set_cuda_rng_state are redirected to the CPU generator so CheckpointFunction (activation recompute) and
      _get_all_rng_states work.
-  D. Optimizer dtype checks: DistributedOptimizer.__init__ / _build_model_and_main_param_groups and
-     Float16OptimizerWithFloat16Params.__init__ (optimizer/distrib_optimizer.py, optimizer/optimizer.py) accept only
-     `param.type()` in torch.cuda.{Float,Half,BFloat16}Tensor. While those constructors run, mode A reports a CPU
-     tensor's type() as torch.cuda.<Type> (and only then). FP32Optimizer.__init__'s device='cuda' scalar (_scale)
+  D. Optimizer dtype checks: DistributedOptimizer.__init__ / _build_model_and_main_param_groups,
+     Float16OptimizerWithFloat16Params.__init__ (optimizer/distrib_optimizer.py, optimizer/optimizer.py) and
+     clip_grads.clip_grad_by_total_norm_fp32 (called by MegatronOptimizer.step) accept only `tensor.type()` in
+     torch.cuda.{Float,Half,BFloat16}Tensor. While those functions run, mode A reports a CPU tensor's type() as
+     torch.cuda.<Type> (and only then). FP32Optimizer.__init__'s device='cuda' scalar (_scale)
      and MixedPrecisionOptimizer's found_inf are handled by mode A.
+  E. Pipeline p2p order on gloo: P2PCommunicator._communicate with config.batch_p2p_comm (the default) posts
+     [send_prev, recv_prev, send_next, recv_next] through p2p_communication._batched_p2p_ops. With PP=2 the previous
+     and the next stage are the same peer, and gloo matches messages per (peer, tag) in posting order, so in the
+     interleaved schedule an activation is received as a gradient. `_batched_p2p_ops` is redirected, for gloo groups
+     only, to megatron's own `_p2p_ops` (even/odd ordering over two groups), whose requests are returned as the list
+     _communicate expects. (_communicate_shapes, used only with config.variable_seq_lengths, keeps its batch.)
 
 Known limits on CPU: sequence parallelism needs TE/apex norms; flex_attention has no CPU backward.
 """
@@ -292,23 +299,53 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
     return wrapper
 
 
-def _optimizer_targets() -> List[Tuple[Any, str, bool]]:
+def _optimizer_targets() -> List[Tuple[Any, str, str]]:
+    """(owner, attribute, kind) of every megatron-core 0.16.1 callable that checks `tensor.type()` against
+    torch.cuda.* names; kind is method | static | class | function (a module-level function, patched in every module that
+    imported it by name)."""
+    from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     return [
-        (DistributedOptimizer, "__init__", False),
-        (DistributedOptimizer, "_build_model_and_main_param_groups", True),  # a staticmethod
-        (Float16OptimizerWithFloat16Params, "__init__", False),
+        (DistributedOptimizer, "__init__", "method"),
+        (DistributedOptimizer, "_build_model_and_main_param_groups", "class"),
+        (Float16OptimizerWithFloat16Params, "__init__", "method"),
+        (clip_grads, "clip_grad_by_total_norm_fp32", "function"),  # assert param.grad.type() == torch.cuda...
+        (optimizer, "clip_grad_by_total_norm_fp32", "function"),  # MegatronOptimizer.step's imported name
     ]
 
 
 def _patch_optimizers() -> None:
-    for owner, name, static in _optimizer_targets():
+    for owner, name, kind in _optimizer_targets():
         original = owner.__dict__[name]
-        fn = original.__func__ if static else original
-        setattr(owner, name, staticmethod(_with_cuda_type_names(fn)) if static else _with_cuda_type_names(fn))
+        if kind == "static":
+            replacement = staticmethod(_with_cuda_type_names(original.__func__))
+        elif kind == "class":
+            replacement = classmethod(_with_cuda_type_names(original.__func__))
+        else:
+            replacement = _with_cuda_type_names(original)
+        setattr(owner, name, replacement)
         _STATE["restore"].append(functools.partial(setattr, owner, name, original))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# E. pipeline p2p on gloo
+
+
+def _patch_pipeline_p2p() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    original = p2p._batched_p2p_ops
+
+    @functools.wraps(original)
+    def batched_p2p_ops(**kwargs):
+        if torch.distributed.get_backend(kwargs["group"]) == "gloo":
+            return list(p2p._p2p_ops(**kwargs).values())
+        return original(**kwargs)
+
+    p2p._batched_p2p_ops = batched_p2p_ops
+    _STATE["restore"].append(functools.partial(setattr, p2p, "_batched_p2p_ops", original))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +356,7 @@ def cpu_compat_enabled() -> bool:
 
 
 def enable_cpu_compat(force: bool = False) -> bool:
-    """Install adaptations A-D (see the module header). Idempotent. Returns True when they are active; on a machine
+    """Install adaptations A-E (see the module header). Idempotent. Returns True when they are active; on a machine
     with CUDA (and force=False) it does nothing and returns False."""
     if _STATE["enabled"]:
         return True
@@ -331,6 +368,7 @@ def enable_cpu_compat(force: bool = False) -> bool:
         _STATE["restore"].append(functools.partial(setattr, torch.cuda, name, original))
     install_cpu_rng_tracker()
     _patch_optimizers()
+    _patch_pipeline_p2p()
     mode = CudaToCpuMode()
     mode.__enter__()
     _STATE["mode"] = mode
