@@ -67,11 +67,15 @@ def test_worker_loader_equals_in_process(folders):
     path_a, _, path_b = folders
     cfg0 = _cfg([path_a, path_b], workers=0)
     cfg2 = _cfg([path_a, path_b], workers=2)
-    a = _take(build_data_iterators(cfg0, 0, 1, 0)[0], 12)
+    a = _take(build_data_iterators(cfg0, 0, 1, 0)[0], 30)
     it = build_data_iterators(cfg2, 0, 1, 0)[0]
-    b = _take(it, 12)
+    b = _take(it, 30)  # more batches than ring slots: slots are reused while earlier batches are still held
+    assert it._ring.slots < 30
     it.close()
     assert all(_equal(x, y) for x, y in zip(a, b))
+    # synthetic data through workers too
+    c = _take(build_data_iterators(_cfg([], workers=2), 0, 1, 0)[0], 5)
+    assert all(_equal(x, y) for x, y in zip(c, _take(build_data_iterators(_cfg([]), 0, 1, 0)[0], 5)))
 
 
 @pytest.mark.parametrize("synthetic", [False, True])
