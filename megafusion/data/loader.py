@@ -19,8 +19,8 @@ and yields identical batches.
 `consumed_samples` counts global samples (all DP ranks) handed to the caller, not those prefetched; it is what a
 checkpoint stores. `state_dict()` also carries planner snapshots of each packed stream at that point; passing it
 back as `data_state` resumes planning there (otherwise every row since the start is re-planned, which is exact
-but grows with the run). Both paths yield the same batches. `valid_iter` is None when there is no validation data; `valid_iter.reset()` restarts it so
-each evaluation can see the same batches.
+but grows with the run). Both paths yield the same batches. `valid_iter` is None when there is no validation
+data; `valid_iter.reset()` restarts it so each evaluation can see the same batches.
 """
 
 from __future__ import annotations
