@@ -116,7 +116,9 @@ class MultimodalDataset:
             if key not in m:
                 raise DatasetFormatError(f"{path}: manifest has no '{key}' field")
         if m["format_version"] != FORMAT_VERSION:
-            raise DatasetFormatError(f"{path}: format_version {m['format_version']}, this reader reads {FORMAT_VERSION}")
+            raise DatasetFormatError(
+                f"{path}: format_version {m['format_version']}, this reader reads {FORMAT_VERSION}"
+            )
         if m["latent_storage"] not in LATENT_STORAGE:
             raise DatasetFormatError(
                 f"{path}: latent_storage={m['latent_storage']!r} is not one of {sorted(LATENT_STORAGE)}"
