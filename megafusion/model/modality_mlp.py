@@ -2,14 +2,17 @@
 
 Each modality's rows of the hidden states are gathered, run through that modality's own FFN, and scattered back:
 
-    hidden [s, b, h] -> flat [s*b, h] -> text rows  [n_text, 1, h] -> text FFN  -> [n_text, h] \\
-                                      -> image rows [n_img, 1, h]  -> image FFN -> [n_img, h]  -> [s, b, h]
+    hidden [s, b, h] -> flat [s*b, h] -> text rows  [1, n_text, h] -> text FFN  -> [n_text, h] \\
+                                      -> image rows [1, n_img, h]  -> image FFN -> [n_img, h]  -> [s, b, h]
 
 Which rows belong to which modality comes from the AttentionLayout (`modality_rows`, cached once per batch), which
 MultimodalTransformerLayer hands to the MLP through megatron's `padding_mask` channel (so it also survives
 megatron's MLP recompute, a functools.partial closure). A modality's submodule is any megatron module built from a
 ModuleSpec that returns (output, bias): a megatron MLP today, megatron's MoE layer tomorrow. Submodules receive
-their rows as a [n, 1, h] sequence and a [1, n] padding mask (True = padding) for MoE routing statistics.
+their rows as [1, n, h] (n one-token sequences; megatron's linears and MoE flatten the two leading dims alike)
+with a matching [b, s] = [n, 1] padding mask (True = padding) for MoE routing statistics. [1, n, h] rather than
+[n, 1, h]: on CPU, silu_backward over SwiGLU's chunked [n, 1, 2f] fc1 output takes a slow strided path (measured
+251 ms vs 35 ms per training step at d=512, 8 layers, S=512, b=2; benchmarks/train_step.py).
 Every submodule runs on every micro-batch, even on zero rows, so collectives inside it (TP, EP) and gradient
 hooks fire identically on all ranks.
 """
@@ -94,8 +97,8 @@ class ModalityMLP(MegatronModule):
         outputs = []
         for modality, module in self.branches():
             rows = layout.modality_rows(modality)
-            x = flat.index_select(0, rows).unsqueeze(1)  # [n, 1, h]
-            out, bias = module(x, padding_mask=_row_padding(layout, modality).unsqueeze(0))
+            x = flat.index_select(0, rows).unsqueeze(0)  # [1, n, h]: n one-token sequences
+            out, bias = module(x, padding_mask=_row_padding(layout, modality).unsqueeze(1))
             if bias is not None:
                 out = out + bias
             outputs.append(out.reshape(-1, out.shape[-1]))

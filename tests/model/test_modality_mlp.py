@@ -136,8 +136,8 @@ def test_a_modality_slot_takes_any_output_bias_module():
     out, _ = mlp(torch.randn(SEQ, BATCH, config.hidden_size), padding_mask=layout)
     n_image = int((layout.modality == 1).sum())
     shape, padding = mlp.image.seen
-    assert shape == (n_image, 1, config.hidden_size)
-    assert padding.shape == (1, n_image) and not padding.any()  # latent positions are never padding
+    assert shape == (1, n_image, config.hidden_size)
+    assert padding.shape == (n_image, 1) and not padding.any()  # latent positions are never padding
 
 
 def test_layer_spec_selects_modality_or_plain_ffn_and_shared_norm():
