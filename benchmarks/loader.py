@@ -2,13 +2,18 @@
 
     python benchmarks/loader.py [--docs 3000] [--seq-length 4096] [--workers 1] [--storage float32]
 
-Writes a temporary dataset folder (text-only, captioned-image, interleaved and video documents) in the
-docs/DATA_FORMAT.md layout, then measures
-  loader:   build_data_iterators(...) batches (planning, reading, patchify, collate; background workers as given,
-            and in-process) -> non-padding positions per second;
+Writes a temporary dataset folder (text-only, captioned-image, interleaved and video documents; Transfusion-like
+latents [8, 32, 32], patch 2 -> 256 patches of 32 values per image) in the docs/DATA_FORMAT.md layout, then,
+in rounds of --batches micro-batches, side by side so load spikes of a shared machine hit both:
+  loader:   build_data_iterators(...) batches (planning, reading, patchify, collate; in-process and with
+            --workers background processes) -> non-padding positions per second;
   baseline: for the very segments those batches hold, np.array(np.memmap[...]) copies of the token and latent
             bytes, i.e. the same bytes read in the same order with no packing or collation.
-The last line is JSON: {"name": "loader", "ratio": loader_tok_s / memmap_tok_s, "target": 0.5, ...}.
+Ratios (median over rounds): ratio_workersN (wall clock, N = 0 in-process), ratio_cpu_time_workers0 (CPU time
+of the process, less sensitive to other load), ratio_main_process_cpu_workersN (what the training process itself
+pays per batch when workers build it) and ratio_bound_read_plus_output_write (memmap read / (read + one write of
+the delivered Batch's bytes): the best any loader could do, since a Batch holds int64 metadata per position and
+latents twice). The last line is JSON: {"name": "loader", "ratio": <ratio_workers{--workers}>, "target": 0.5, ...}.
 """
 
 from __future__ import annotations
