@@ -162,6 +162,8 @@ def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) ->
         tokens.append(toks)
         frame_at.append(at)
         if len(at):
+            if first + len(at) > dataset.frame_counts[doc]:  # planned as text: its FRAMEs have no latents
+                dataset.frame_positions(doc)  # raises DatasetFormatError naming the document
             reads.append((doc, first, len(at), n_frames))
             n_frames += len(at)
     if n_frames:

@@ -131,3 +131,13 @@ def test_frame_larger_than_row_is_refused(mixed):
     ds, _ = mixed
     with pytest.raises(ValueError, match="data.seq_length=16"):
         RowPlanner(ds, 16, PPF)
+
+
+def test_frame_token_without_latent_is_named(tmp_path):
+    from megafusion.data.indexed import DatasetFormatError
+
+    docs = [([ST.bos, 30, 31, ST.eos], np.zeros((0,) + SHAPE)), ([ST.bos, ST.boi, ST.frame, ST.eoi, ST.eos],
+                                                                 np.zeros((0,) + SHAPE))]
+    ds = MultimodalDataset(write_dataset(str(tmp_path / "f"), docs, SHAPE))
+    with pytest.raises(DatasetFormatError, match="document 1 has 1 FRAME tokens but 0 latent sequences"):
+        _pack(ds, 24)
