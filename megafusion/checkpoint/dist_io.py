@@ -15,6 +15,7 @@ Optimizer state formats (recorded in train_state.pt, checked before anything is 
   param_space                      a non-distributed megatron optimizer (FP32Optimizer, Float16Optimizer...):
                                    per-parameter state stored as sharded tensors keyed like the model's, so it
                                    reshards across TP / PP / EP / DP like the weights.
+  param_space_unstepped            the same before its first step: no tensors; restored as a fresh optimizer.
   distributed:fully_reshardable    DistributedOptimizer, canonical per-parameter state (megatron 0.16.1 default
   distributed:fully_sharded_model_space   fully reshardable formats): reshards across every layout.
   distributed:dp_reshardable       DistributedOptimizer buffers as saved; megatron reshards them across DP only,
@@ -36,6 +37,7 @@ from megafusion.checkpoint.train_state import ParallelLayout
 logger = logging.getLogger(__name__)
 
 PARAM_SPACE = "param_space"
+PARAM_SPACE_UNSTEPPED = "param_space_unstepped"
 DISTRIBUTED_PREFIX = "distributed:"
 DEFAULT_DISTRIBUTED_SHARDING = "fully_reshardable"
 FULLY_RESHARDABLE_SHARDINGS = ("fully_reshardable", "fully_sharded_model_space")
@@ -115,7 +117,24 @@ def optimizer_format(optimizer, optimizer_sharding: str = DEFAULT_DISTRIBUTED_SH
             raise ValueError(f"optimizer_sharding={optimizer_sharding!r} is not one of "
                              f"{list(FULLY_RESHARDABLE_SHARDINGS + DP_ONLY_SHARDINGS)}")
         return DISTRIBUTED_PREFIX + optimizer_sharding
-    return PARAM_SPACE
+    return PARAM_SPACE_UNSTEPPED if _never_stepped(optimizer) else PARAM_SPACE
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _never_stepped(optimizer) -> bool:
+    """A non-distributed megatron optimizer whose torch optimizer holds no state yet (before the first step).
+
+    megatron-core 0.16.1 saves no tensors for it (optim_state_to_sharding_state walks the empty state) but its
+    loading state dict expects moments (init_state_fn), and a restored step 0 is not saved at all; so an unstepped
+    optimizer is recorded as such and restored as a fresh one, which is exactly its state."""
+    return all(len(o.optimizer.state) == 0 for o in _inner_optimizers(optimizer) if o.optimizer is not None)
+
+
+def _is_param_space(fmt: Optional[str]) -> bool:
+    return fmt in (PARAM_SPACE, PARAM_SPACE_UNSTEPPED)
 
 
 def _optimizer_metadata(fmt: str) -> dict:
@@ -128,7 +147,7 @@ def _optimizer_metadata(fmt: str) -> dict:
 
 def optimizer_reshardable(fmt: Optional[str], saved: ParallelLayout, current: ParallelLayout) -> bool:
     """Whether optimizer state saved in format `fmt` under `saved` loads into `current`."""
-    if fmt is None or fmt == PARAM_SPACE:
+    if fmt is None or _is_param_space(fmt):
         return True
     sharding = fmt[len(DISTRIBUTED_PREFIX):]
     if sharding in FULLY_RESHARDABLE_SHARDINGS:
@@ -160,12 +179,13 @@ def _torch_adam_fallback() -> bool:
 
 
 def _prepare_fresh_distributed_optimizer(optimizer) -> None:
-    """Give a DistributedOptimizer that has not stepped yet its state tensors, so it can build a loading
-    sharded state dict.
+    """Give a DistributedOptimizer that has not stepped yet its state tensors, so it can build a sharded state
+    dict (to save a step-0 checkpoint, or to load into).
 
     megatron-core 0.16.1 with torch Adam: DistributedOptimizer.state_dict() reads each param's `step` and fails on
     a fresh optimizer. megatron's own remedy, `_init_optimizer_states_with_dummy_values` (one step on zero
-    gradients), runs with lr = weight_decay = 0 so no parameter moves; the load then overwrites the dummy state."""
+    gradients), runs with lr = weight_decay = 0 so no parameter moves, and the step counters are reset to 0: the
+    state is then exactly what torch Adam creates lazily (zero moments, step 0)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     if not _torch_adam_fallback():
@@ -181,6 +201,9 @@ def _prepare_fresh_distributed_optimizer(optimizer) -> None:
         finally:
             for group, lr, wd in saved:
                 group["lr"], group["weight_decay"] = lr, wd
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.zeros_like(state["step"])
 
 
 @contextlib.contextmanager
@@ -238,7 +261,7 @@ def _unshare_adam_steps(optimizer) -> None:
 # ---------------------------------------------------------------------------------------------- save / load
 def _sharded_state_dict(model_chunks, optimizer, fmt: Optional[str], is_loading: bool) -> dict:
     state = model_sharded_state_dict(model_chunks)
-    if optimizer is not None and fmt is not None:
+    if optimizer is not None and fmt is not None and fmt != PARAM_SPACE_UNSTEPPED:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
                                                           metadata=_optimizer_metadata(fmt))
     return state
@@ -251,6 +274,8 @@ def save_sharded(folder: Path, model_chunks, optimizer=None,
     from megatron.core import dist_checkpointing
 
     fmt = optimizer_format(optimizer, optimizer_sharding)
+    if optimizer is not None:
+        _prepare_fresh_distributed_optimizer(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, fmt, is_loading=False)
     dist_checkpointing.save(state, str(folder), content_metadata={"megafusion_optimizer_format": fmt})
     return fmt
@@ -266,7 +291,7 @@ def load_sharded(folder: Path, model_chunks, optimizer=None, optimizer_fmt: Opti
         raise ValueError(f"checkpoint {folder} holds no optimizer state; load with load_optimizer=False")
     if optimizer is not None:
         current_fmt = optimizer_format(optimizer, _sharding_of(optimizer_fmt))
-        if (current_fmt == PARAM_SPACE) != (optimizer_fmt == PARAM_SPACE):
+        if _is_param_space(current_fmt) != _is_param_space(optimizer_fmt):
             raise CheckpointLayoutError(
                 f"checkpoint {folder} holds optimizer state in format {optimizer_fmt!r} but this run's optimizer "
                 f"is {type(optimizer).__name__} ({current_fmt!r}); match parallel.use_distributed_optimizer to "
@@ -277,7 +302,11 @@ def load_sharded(folder: Path, model_chunks, optimizer=None, optimizer_fmt: Opti
     state = _sharded_state_dict(model_chunks, optimizer, fmt, is_loading=True)
     loaded = dist_checkpointing.load(state, str(folder))
     _load_model(model_chunks, loaded, strict)
-    if optimizer is not None:
+    if optimizer is not None and optimizer_fmt == PARAM_SPACE_UNSTEPPED:
+        for inner in _inner_optimizers(optimizer):
+            if inner.optimizer is not None:
+                inner.optimizer.state.clear()  # saved before its first step: fresh is the saved state
+    elif optimizer is not None:
         # no_grad: megatron's dp_reshardable load copies into main params that, for fp32 models, are views of
         # the (grad-requiring) model params
         with _step_tolerant_param_state_load(), torch.no_grad():

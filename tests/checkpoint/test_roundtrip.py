@@ -38,9 +38,13 @@ def _roundtrip(root, distributed_optimizer):
     cfg = make_cfg(tp=1, distributed_optimizer=distributed_optimizer)
     chunks, optimizer, scheduler = build(cfg, seed=1)
     weighting = build_loss_weighting(ObjectiveConfig(loss_weighting="adaptive"))
+    # a step-0 checkpoint (fresh optimizer, no state yet), and the weights after the first step from there
+    step0 = save_checkpoint(os.path.join(root, "step0"), TrainState(), chunks, optimizer, scheduler=scheduler)
     for step in range(2):
         train_step(chunks, optimizer, scheduler, step)
         weighting.commit(2.0 + step, 0.5)
+        if step == 0:
+            after_first_step = full_weights(chunks)
     state = TrainState(step=2, consumed_samples=8, skipped_steps=1, total_flops=1.5e9)
     saved_weights = full_weights(chunks)
     saved_moments = optimizer_tensors(optimizer)
@@ -88,6 +92,11 @@ def _roundtrip(root, distributed_optimizer):
     for step in (3, 4):
         save_checkpoint(root, TrainState(step=step), chunks2, optimizer2, scheduler=scheduler2, keep_last=2)
     result["published"] = [p.name for _, p in list_published(root)]
+    # resuming from the step-0 checkpoint reproduces the first step exactly
+    chunks3, optimizer3, scheduler3 = build(cfg, seed=3)
+    load_checkpoint(step0, chunks3, optimizer3, scheduler=scheduler3)
+    train_step(chunks3, optimizer3, scheduler3, 0)
+    result["step0_resume_exact"] = all(torch.equal(full_weights(chunks3)[k], v) for k, v in after_first_step.items())
     result["latest"] = open(os.path.join(root, "latest")).read().strip()
     return result
 
@@ -113,6 +122,7 @@ def test_save_load_round_trip_is_bit_exact(results, optimizer_kind):
     assert r["optimizer_loaded"] and r["rng_restored"] and r["draws_equal"]
     assert r["continues_exactly"]  # the next step after resume equals the uninterrupted run's, bit for bit
     assert r["published"] == ["iter_0000003", "iter_0000004"] and r["latest"] == "iter_0000004"
+    assert r["step0_resume_exact"]  # a checkpoint taken before the first optimizer step resumes exactly
 
 
 @pytest.fixture(scope="module")
