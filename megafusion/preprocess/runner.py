@@ -9,6 +9,7 @@ share files, so the merged dataset is byte-identical for any worker count.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue as queue_module
@@ -119,7 +120,6 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
             process_shard(builder, opts, spec, shards_dir, progress)
         return
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context(opts.start_method)
     updates = ctx.Queue()
@@ -132,7 +132,19 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
                 return
 
     # ProcessPoolExecutor (not multiprocessing.Pool): a worker killed by the OS fails its futures with
-    # BrokenProcessPool instead of leaving the run waiting forever.
+    # BrokenProcessPool instead of leaving the run waiting forever. gc.freeze() keeps the children's garbage
+    # collector off the parent's objects, which would otherwise copy the parent's heap page by page after fork.
+    gc.freeze()
+    try:
+        _run_pool(opts, pending, shards_dir, ctx, updates, drain)
+    finally:
+        gc.unfreeze()
+    drain()
+
+
+def _run_pool(opts, pending, shards_dir, ctx, updates, drain) -> None:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     with ProcessPoolExecutor(min(opts.workers, len(pending)), mp_context=ctx, initializer=_init_worker,
                              initargs=(opts, shards_dir, updates)) as pool:
         futures = {pool.submit(_worker_task, spec): spec for spec in pending}
@@ -148,7 +160,6 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
                         other.cancel()
                     raise PreprocessError(f"worker failed on shard {spec.index} (records {spec.start}.."
                                           f"{spec.stop - 1}): {type(exc).__name__}: {exc}") from exc
-    drain()
 
 
 def _load_or_write_plan(opts: PreprocessOptions, shards_dir: str, fingerprint: str) -> List[ShardSpec]:
