@@ -6,7 +6,7 @@ embeddings, RoPE, grouped-query attention with the same mask rule (causal, bidir
 isolated), a per-modality SwiGLU FFN, final norm, LM head and velocity head. Before timing, the megafusion weights
 are copied into it and the two losses must agree, so both sides compute the same function.
 
-    python benchmarks/train_step.py [--steps 6] [--backend dense|segmented] [--threads N]
+    python benchmarks/train_step.py [--steps 8] [--backend dense|segmented] [--threads 1] [--profile]
 
 The last line is JSON: {"name": "train_step", "ratio": megafusion_tok_s / reference_tok_s, "target": 1.0, "mfu": ...},
 tokens/s from each side's fastest step (other processes on a shared machine only add time); medians and the median
@@ -230,7 +230,10 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
     default_backend = "segmented" if importlib.util.find_spec("megafusion.model.attention.segmented") else "dense"
     parser.add_argument("--backend", default=default_backend, help="megafusion attention backend")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0 = torch default). 1 by default: on cores shared with other jobs, "
+                             "OpenMP workers spin while their partner thread is descheduled, which inflates every "
+                             "parallel region and swamps the comparison with noise")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
     args = parser.parse_args()
     if args.threads:
