@@ -26,31 +26,36 @@ MBS = 2
 NUM_MICROBATCHES = 2
 
 
-def make_cfg(tp: int = 1, distributed_optimizer: bool = True) -> Config:
+def make_cfg(tp: int = 1, distributed_optimizer: bool = True, pp: int = 1, vp=None) -> Config:
     return Config(
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=distributed_optimizer),
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                virtual_pipeline_model_parallel_size=vp,
+                                use_distributed_optimizer=distributed_optimizer),
         optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.1, clip_grad=1.0),
         training=TrainingConfig(micro_batch_size=MBS, global_batch_size=MBS * NUM_MICROBATCHES, precision="fp32"),
     )
 
 
-def transformer_config(cfg: Config) -> TransformerConfig:
+def transformer_config(cfg: Config, num_layers: int = 2) -> TransformerConfig:
+    p = cfg.parallel
     return TransformerConfig(
-        num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32, activation_func=F.gelu,
+        num_layers=num_layers, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32, activation_func=F.gelu,
         normalization="RMSNorm", add_bias_linear=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True,
     )
 
 
-def build(cfg: Config, seed: int, total_steps: int = 10):
+def build(cfg: Config, seed: int, total_steps: int = 10, num_layers: int = 2):
     """(re)initialise the parallel layout, then model chunks, optimizer and LR scheduler, weights from `seed`."""
     initialize_parallel(cfg.parallel, seed)
 
     def provider(pre_process, post_process, vp_stage):
-        return GPTModel(transformer_config(cfg), get_gpt_layer_local_spec(), vocab_size=VOCAB,
+        return GPTModel(transformer_config(cfg, num_layers), get_gpt_layer_local_spec(), vocab_size=VOCAB,
                         max_sequence_length=SEQ, pre_process=pre_process, post_process=post_process,
                         position_embedding_type="rope", vp_stage=vp_stage)
 
@@ -112,6 +117,25 @@ def full_weights(chunks) -> Dict[str, torch.Tensor]:
                 t = torch.cat(parts, dim=p.partition_dim)
             out[name] = t
     return out
+
+
+def global_weights(chunks) -> Dict[str, torch.Tensor]:
+    """Every parameter of the whole model (all pipeline stages and virtual chunks, TP=1), keyed by a name with the
+    global layer number, gathered on every rank."""
+    local = {}
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if name.startswith("decoder.layers."):
+                parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+            local[".".join(parts)] = p.detach().clone()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    merged = {}
+    for piece in gathered:
+        merged.update(piece)
+    return merged
 
 
 def optimizer_tensors(optimizer) -> List[torch.Tensor]:
