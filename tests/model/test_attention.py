@@ -137,6 +137,16 @@ def test_segmented_matches_dense_on_crafted_rows(hide_noised):
     assert len(plan.groups) < len(segments) - len(plan.pads)  # equal shapes share one SDPA call
 
 
+@pytest.mark.parametrize("hide_noised", [False, True], ids=["visible", "hide_noised"])
+def test_segmented_text_runs_in_query_chunks_match_dense(monkeypatch, hide_noised):
+    monkeypatch.setattr(segmented_module, "TEXT_CHUNK", 2)  # every text run after a prefix in chunks of 2
+    layout = crafted_layout(CRAFTED, 64, hide_noised=hide_noised)
+    assert_matches_dense(segmented_attention, layout, 4, 2)
+    causal = [seg for row in layout.cache[segmented_module.PLAN_KEY].rows for seg in row if seg.kind == CAUSAL]
+    assert max(seg.num_queries for seg in causal if seg.num_keys > seg.num_queries) == 2
+    assert max(seg.num_queries for seg in causal) > 2  # runs without a prefix stay one is_causal call
+
+
 def test_segmented_plan_is_built_once_per_batch(monkeypatch):
     calls = []
     build = segmented_module.build_plan

@@ -5,7 +5,9 @@ Each packed row is cut into segments of queries that share one key structure (se
   text run      queries [a, b) of one document with one context_start c. Keys: the visible prefix [c, a), seen
                 by every query, then [a, b) causally, i.e. a causal mask aligned to the bottom-right corner of
                 the [L, P + L] score block. With no prefix (P = 0) that is SDPA's own `is_causal`; otherwise a
-                small additive mask of that shape, cached per (L, P + L).
+                small additive mask of that shape, cached per (L, P + L), and the run is cut into chunks of
+                TEXT_CHUNK queries so little of the masked upper triangle is computed (the CPU flash kernel
+                skips nothing under an explicit mask).
   visual block  queries of one image / video frame: keys are the visible prefix [c, block_start) plus the whole
                 block, no mask at all (bidirectional inside, everything earlier outside).
   padding       a padding query attends only to itself, so its output is its own value row.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from megafusion.model.attention.layout import AttentionLayout
 
 PLAN_KEY = "segmented_plan"
+TEXT_CHUNK = 256  # queries per SDPA call for a text run that has a prefix (see build_plan)
 CAUSAL, FULL, PAD = "causal", "full", "pad"
 
 
@@ -98,35 +101,45 @@ def build_plan(layout: AttentionLayout) -> SegmentPlan:
         spans = _block_spans(r, runs, block_r)
         segments: List[Segment] = []
         for a, e in runs:
-            seg = Segment(row=r, index=len(segments), start=a, end=e, kind=PAD)
-            if valid_r[a]:
-                c, bid = cs_r[a], block_r[a]
-                if c > a:
-                    raise ValueError(f"AttentionLayout row {r}: context_start[{a}]={c} lies after the position")
-                if bid < 0:
-                    seg.kind, own_start, own_end = CAUSAL, a, e
-                else:
-                    seg.kind = FULL
-                    own_start, own_end = max(c, spans[bid][0]), spans[bid][1]
-                prefix_visible = int(n_visible[r, own_start] - n_visible[r, c])
-                if prefix_visible == own_start - c:  # nothing hidden: one contiguous slice of keys
-                    seg.key_start, seg.key_end = c, own_end
-                else:
-                    hidden_free = torch.nonzero(visible[r, c:own_start]).flatten() + c
-                    own = torch.arange(own_start, own_end)
-                    seg.key_index = torch.cat([hidden_free, own]).to(device)
-            segments.append(seg)
+            if not valid_r[a]:
+                segments.append(Segment(row=r, index=len(segments), start=a, end=e, kind=PAD))
+                continue
+            c, bid = cs_r[a], block_r[a]
+            if c > a:
+                raise ValueError(f"AttentionLayout row {r}: context_start[{a}]={c} lies after the position")
+            if bid >= 0:
+                seg = Segment(row=r, index=len(segments), start=a, end=e, kind=FULL)
+                segments.append(_set_keys(seg, c, max(c, spans[bid][0]), spans[bid][1], visible[r], n_visible[r]))
+                continue
+            # a text run after a prefix runs in query chunks: less of each masked upper triangle is computed
+            step = TEXT_CHUNK if n_visible[r, a] > n_visible[r, c] else e - a
+            for a2 in range(a, e, step):
+                e2 = min(a2 + step, e)
+                seg = Segment(row=r, index=len(segments), start=a2, end=e2, kind=CAUSAL)
+                segments.append(_set_keys(seg, c, a2, e2, visible[r], n_visible[r]))
         rows.append(segments)
 
     grouped: Dict[Tuple[str, int, int], List[Segment]] = {}
     pads: List[Segment] = []
     for segments in rows:
         for seg in segments:
+            if seg.key_index is not None:
+                seg.key_index = seg.key_index.to(device)
             if seg.kind == PAD:
                 pads.append(seg)
             else:
                 grouped.setdefault((seg.kind, seg.num_queries, seg.num_keys), []).append(seg)
     return SegmentPlan(rows=rows, groups=list(grouped.items()), pads=pads)
+
+
+def _set_keys(seg: Segment, c: int, own_start: int, own_end: int, visible, n_visible) -> Segment:
+    """Keys of `seg`: the visible positions of [c, own_start), then all of [own_start, own_end)."""
+    if int(n_visible[own_start] - n_visible[c]) == own_start - c:  # nothing hidden: one contiguous slice
+        seg.key_start, seg.key_end = c, own_end
+    else:
+        prefix = torch.nonzero(visible[c:own_start]).flatten() + c
+        seg.key_index = torch.cat([prefix, torch.arange(own_start, own_end)])
+    return seg
 
 
 def _block_spans(row: int, runs, block_r) -> Dict[int, Tuple[int, int]]:
@@ -163,7 +176,10 @@ def segmented_attention(
     plan: SegmentPlan = layout.cached(PLAN_KEY, lambda: build_plan(layout))
     gqa = nq != nkv
 
-    q_rows, k_rows, v_rows = q.unbind(0), k.unbind(0), v.unbind(0)  # [heads, s, d] each
+    if b == 1:  # views both ways (unbind / stack would copy in the backward and forward)
+        q_rows, k_rows, v_rows = [q.squeeze(0)], [k.squeeze(0)], [v.squeeze(0)]  # [heads, s, d] each
+    else:
+        q_rows, k_rows, v_rows = q.unbind(0), k.unbind(0), v.unbind(0)
     q_parts = [torch.split(q_rows[r], sizes, dim=1) for r, sizes in enumerate(plan.row_sizes)]
     pieces: List[List[Optional[torch.Tensor]]] = [[None] * len(row) for row in plan.rows]
 
@@ -184,7 +200,7 @@ def segmented_attention(
         out = F.scaled_dot_product_attention(
             qq, kk, vv, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
         )
-        for m, piece in zip(members, out.unbind(0)):
+        for m, piece in zip(members, out.unbind(0) if len(members) > 1 else [out.squeeze(0)]):
             pieces[m.row][m.index] = piece
 
     for m in plan.pads:  # a padding query's only key is itself: softmax weight 1 on its own value
@@ -192,7 +208,7 @@ def segmented_attention(
         pieces[m.row][m.index] = own.repeat_interleave(nq // nkv, dim=0) if gqa else own
 
     rows = [torch.cat(row, dim=1) if len(row) > 1 else row[0] for row in pieces]
-    return torch.stack(rows, 0)
+    return rows[0].unsqueeze(0) if b == 1 else torch.stack(rows, 0)
 
 
 def _keys(x: torch.Tensor, seg: Segment, s: int) -> torch.Tensor:
