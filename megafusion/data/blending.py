@@ -59,5 +59,7 @@ class BlendIndex:
 
     def counts(self, n: int) -> List[int]:
         """Samples each dataset receives among the first n."""
+        if len(self.weights) == 1:
+            return [n]
         self.lookup(max(n - 1, 0))
         return np.bincount(self._dataset[:n], minlength=len(self.weights)).tolist()

@@ -29,6 +29,11 @@ def test_blend_proportions(weights):
     assert [big.lookup(i) for i in range(3000)] == [blend.lookup(i) for i in range(3000)]
 
 
+def test_single_dataset_blend_is_identity():
+    blend = BlendIndex([2.0], initial_size=16)
+    assert blend.lookup(100_000) == (0, 100_000) and blend.counts(100_000) == [100_000]
+
+
 def test_blend_rejects_bad_weights():
     with pytest.raises(ValueError, match="data.weights"):
         BlendIndex([0.0, 0.0])
