@@ -242,6 +242,8 @@ class TrainingConfig:
     """Activation recompute: none | selective (core attention) | full."""
     nan_policy: str = "halt"
     """On NaN/Inf loss or gradients: skip the step or halt."""
+    exit_interval: Optional[int] = None
+    """Save a checkpoint and exit (status 0) after a step divisible by this: a planned, resumable stop."""
     eval_interval: int = 0
     """Validation every N steps (0 = off)."""
     eval_steps: int = 2
@@ -258,6 +260,7 @@ class TrainingConfig:
         _check(self.train_steps is not None or self.flops_budget is not None,
                f"{s}: set train_steps or flops_budget")
         _check(self.train_steps is None or self.train_steps >= 0, f"{s}.train_steps must be >= 0")
+        _check(self.exit_interval is None or self.exit_interval >= 1, f"{s}.exit_interval must be >= 1")
         _choice(s, "precision", self.precision, ("auto", "fp32", "bf16"))
         _choice(s, "recompute", self.recompute, ("none", "selective", "full"))
         _choice(s, "nan_policy", self.nan_policy, ("skip", "halt"))

@@ -80,8 +80,9 @@ class Trainer:
         if loaded is not None:
             self.state = loaded.train_state
             self.last_saved_step = self.state.step
-        self.train_iter, self.valid_iter = build_data_iterators(cfg, info.dp_rank, info.dp_size,
-                                                                self.state.consumed_samples)
+        self.train_iter, self.valid_iter = build_data_iterators(
+            cfg, info.dp_rank, info.dp_size, self.state.consumed_samples,
+            data_state=loaded.data_state if loaded is not None else None)
         self.forward_backward = get_forward_backward_func()
         self.forward_step = make_forward_step(self.weighting)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else None
@@ -203,9 +204,11 @@ class Trainer:
                     logger.info(format_line(step, self.total_steps, values))
                 if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and self.guard.last_ok:
                     self.save()
-                if stop.should_stop():
+                planned_exit = bool(cfg.training.exit_interval) and step % cfg.training.exit_interval == 0
+                if stop.should_stop() or planned_exit:
                     if self.is_logger:
-                        logger.info("stop requested by signal: saving at step %d and exiting", step)
+                        reason = "training.exit_interval" if planned_exit else "a signal"
+                        logger.info("stop requested by %s: saving at step %d and exiting", reason, step)
                     if self.guard.last_ok:
                         self.save()
                     return records
