@@ -21,6 +21,9 @@ Optimizer state formats (recorded in train_state.pt, checked before anything is 
   distributed:dp_reshardable       DistributedOptimizer buffers as saved; megatron reshards them across DP only,
   distributed:dp_zero_gather_scatter      so a changed TP / PP / EP / VP layout is refused up front with
                                    CheckpointLayoutError naming both layouts and checkpoint.load_optimizer=false.
+
+DistributedOptimizer on torch's Adam (no Apex / Transformer Engine) needs three megatron-core 0.16.1 adaptations,
+active only then: _prepare_fresh_distributed_optimizer, _step_tolerant_param_state_load, _unshare_adam_steps.
 """
 
 from __future__ import annotations
