@@ -58,7 +58,7 @@ def _expected(rows, base, sp, enc):
                                                    ("pixel", "float16")])
 def test_roundtrip_parquet_and_jsonl(tmp_path, tokenizer_path, encoder, latent_dtype):
     import sentencepiece as spm
-    from corpus import mixed_rows, write_jsonl_with_paths, write_parquet
+    from preprocess_corpus import mixed_rows, write_jsonl_with_paths, write_parquet
 
     rows = mixed_rows(20, seed=3, size=(20, 16))
     parquet = write_parquet(str(tmp_path / "mixed.parquet"), rows, row_group_size=5)
@@ -103,7 +103,7 @@ def test_roundtrip_parquet_and_jsonl(tmp_path, tokenizer_path, encoder, latent_d
 
 def test_roundtrip_vae_encoder(tmp_path, tokenizer_path):
     diffusers = pytest.importorskip("diffusers", reason="pip install diffusers to test the vae encoder")
-    from corpus import mixed_rows, write_parquet
+    from preprocess_corpus import mixed_rows, write_parquet
 
     torch.manual_seed(0)
     vae = str(tmp_path / "vae")
@@ -132,7 +132,7 @@ def test_roundtrip_vae_encoder(tmp_path, tokenizer_path):
 @pytest.mark.parametrize("latent_dtype", ["float32", "bfloat16"])
 def test_output_opens_with_the_dataset_reader(tmp_path, tokenizer_path, latent_dtype):
     """The contract end to end: megafusion.data.indexed validates (sizes, sha256, FRAME counts) and reads it."""
-    from corpus import mixed_rows, write_parquet
+    from preprocess_corpus import mixed_rows, write_parquet
 
     from megafusion.data.indexed import MultimodalDataset
 

@@ -11,7 +11,7 @@ from megafusion.data.special_tokens import SPECIAL_TOKENS, SpecialTokens
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_special_ids_match_reserved(tmp_path, model_type):
     import sentencepiece as spm
-    from corpus import train_tiny_tokenizer
+    from preprocess_corpus import train_tiny_tokenizer
 
     path = train_tiny_tokenizer(str(tmp_path), vocab_size=80, model_type=model_type)
     sp = spm.SentencePieceProcessor(model_file=path)
@@ -28,7 +28,7 @@ def test_special_ids_match_reserved(tmp_path, model_type):
 
 
 def test_cli_trains_from_parquet_and_jsonl(tmp_path):
-    from corpus import load_tool, mixed_rows, write_jsonl_with_paths, write_parquet
+    from preprocess_corpus import load_tool, mixed_rows, write_jsonl_with_paths, write_parquet
 
     main = load_tool("train_tokenizer").main
 

@@ -27,7 +27,7 @@ def _same_dataset(a, b):
 
 @pytest.fixture()
 def inputs(tmp_path):
-    from corpus import mixed_rows, write_jsonl_with_paths, write_parquet
+    from preprocess_corpus import mixed_rows, write_jsonl_with_paths, write_parquet
 
     rows = mixed_rows(24, seed=11)
     rows[5]["image"] = b"broken"  # one reject, so rejects.jsonl is compared too
@@ -78,7 +78,7 @@ def test_damaged_shard_is_rewritten(tmp_path, inputs, tokenizer_path, capsys):
 
 
 def test_kill_during_preprocessing_then_rerun_matches_uninterrupted(tmp_path, tokenizer_path, capsys):
-    from corpus import image_bytes, write_jsonl_with_paths
+    from preprocess_corpus import image_bytes, write_jsonl_with_paths
 
     folder = tmp_path / "data"
     jsonl = write_jsonl_with_paths(str(folder), 16)  # even rows carry img/1_<row>.png
@@ -110,7 +110,7 @@ def test_kill_during_preprocessing_then_rerun_matches_uninterrupted(tmp_path, to
     os.remove(blocker)
     with open(blocker, "wb") as f:
         f.write(image_bytes(1 * 7919 + 14, (16, 16)))
-    from corpus import load_tool
+    from preprocess_corpus import load_tool
 
     main = load_tool("preprocess_data").main
     capsys.readouterr()

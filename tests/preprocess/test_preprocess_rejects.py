@@ -42,7 +42,7 @@ def _png(path, size, colour=None, seed=0):
 
 def _bad_inputs(folder):
     """A JSONL and a parquet holding good rows and one row per reason; returns (inputs, {(file, row): reason})."""
-    from corpus import image_bytes
+    from preprocess_corpus import image_bytes
 
     folder = str(folder)
     good = _png(os.path.join(folder, "good.png"), (16, 16))
@@ -123,7 +123,7 @@ def test_every_bad_input_is_rejected_with_its_reason(tmp_path, tokenizer_path):
 
 
 def test_image_that_cannot_fit_seq_length(tmp_path, tokenizer_path):
-    from corpus import write_jsonl_with_paths
+    from preprocess_corpus import write_jsonl_with_paths
 
     jsonl = write_jsonl_with_paths(str(tmp_path), 6)  # rows 0, 2, 4 carry an image
     # resolution 8, patch 2: one image = 16 patches + BOI + EOI = 18 positions > 17
@@ -137,7 +137,7 @@ def test_image_that_cannot_fit_seq_length(tmp_path, tokenizer_path):
 
 
 def test_threshold_failure_exits_nonzero_and_publishes_nothing(tmp_path, tokenizer_path, capsys):
-    from corpus import load_tool
+    from preprocess_corpus import load_tool
 
     inputs, expected, total = _bad_inputs(tmp_path)
     out = tmp_path / "out"

@@ -73,7 +73,7 @@ def test_kinds_columns_and_image_layouts():
 
 
 def test_custom_columns_through_the_cli(tmp_path, tokenizer_path):
-    from corpus import image_bytes, load_tool
+    from preprocess_corpus import image_bytes, load_tool
 
     path = str(tmp_path / "c.parquet")
     pq.write_table(pa.table({"caption": ["a red cat", "a dog"], "jpg": pa.array([image_bytes(1), image_bytes(2)])}),
