@@ -15,13 +15,19 @@ Adaptations (megatron-core 0.16.1):
      (`torch.empty(..., device=torch.cuda.current_device())` in _communicate_shapes/_communicate),
      distributed/param_and_grad_buffer.py (_ParamAndGradBuffer buffers), optimizer/clip_grads.py, router/experts
      of transformer/moe, transformer/dot_product_attention.py (DotProductAttention.__init__), grad_scaler.py.
-  B. torch.cuda shims, where a function mode cannot reach because no tensor function is called:
-     torch.cuda.current_device -> 0 (which mode A maps to CPU), torch.cuda.synchronize -> no-op,
+  B. torch.cuda shims, where a function mode cannot reach because no tensor function is called, or because the
+     code runs inside the autograd engine (custom Function backwards, e.g. tensor_parallel/mappings.py
+     _GatherFromSequenceParallelRegion.backward): torch.cuda.current_device -> torch.device("cpu"),
+     torch.cuda.synchronize -> no-op,
      torch.cuda.Stream / Event / current_stream / stream -> CpuStream / CpuEvent stand-ins whose waits and syncs are
      no-ops (CPU ops are synchronous). Targets p2p_communication._communicate (torch.cuda.synchronize),
      MoEAlltoAllTokenDispatcher.__init__ and ._maybe_dtoh_and_synchronize (cuda_dtoh_stream, record_event,
-     d2h_event.synchronize), DistributedDataParallel.__init__ (communication_stream). With these the all-to-all MoE
-     dispatcher runs on CPU (gloo all_to_all_single); the allgather dispatcher needs nothing.
+     d2h_event.synchronize), DistributedDataParallel.__init__ (communication_stream). The all-to-all dispatcher also
+     needs transformer/moe/moe_utils.maybe_move_tensor_to_cpu(as_numpy=True) to return numpy split sizes for a
+     tensor already on the CPU (it returns the tensor unchanged unless `tensor.is_cuda`, and all_to_all_single
+     rejects a tensor of split sizes); it is wrapped to do so, in moe_utils and in token_dispatcher, which imported
+     it by name. With these the all-to-all MoE dispatcher runs on CPU (gloo all_to_all_single); the allgather
+     dispatcher needs nothing.
   C. CpuRNGStatesTracker replaces tensor_parallel.random.CudaRNGStatesTracker (the module-level class name used by
      initialize_rng_tracker, so model_parallel_cuda_manual_seed creates it): add()/fork() keep named states of the
      CPU generator, so dropout under get_cuda_rng_tracker().fork() (DotProductAttention.forward, tensor-parallel
@@ -40,6 +46,10 @@ Adaptations (megatron-core 0.16.1):
      interleaved schedule an activation is received as a gradient. `_batched_p2p_ops` is redirected, for gloo groups
      only, to megatron's own `_p2p_ops` (even/odd ordering over two groups), whose requests are returned as the list
      _communicate expects. (_communicate_shapes, used only with config.variable_seq_lengths, keeps its batch.)
+  F. (any device, without Transformer Engine) transformer/moe/moe_utils.py binds `te_general_gemm` only when its TE
+     import block succeeds, yet RouterGatingLinearFunction.forward/backward test `te_general_gemm is not None`, so
+     every MoE router raises NameError without TE. `fill_missing_te_names()` binds it to None, selecting megatron's
+     own torch.mm path. It is applied by enable_cpu_compat() and, on GPU, by megafusion.parallel.initialize.
 
 Known limits on CPU: sequence parallelism needs TE/apex norms; flex_attention has no CPU backward.
 """
@@ -168,8 +178,11 @@ class CpuStream:
 _CURRENT_STREAM = CpuStream()
 
 
-def _current_device() -> int:
-    return 0
+def _current_device() -> torch.device:
+    # A device, not the index 0: megatron passes it straight to factories (device=torch.cuda.current_device()),
+    # also inside custom autograd Function backwards, which the autograd engine runs outside mode A (the mode
+    # receives Tensor.backward / torch.autograd.backward and hands them to torch with itself popped).
+    return torch.device("cpu")
 
 
 def _synchronize(device=None) -> None:
@@ -193,6 +206,22 @@ _CUDA_SHIMS: Dict[str, Any] = {
     "current_stream": _current_stream,
     "stream": _stream,
 }
+
+
+def _patch_moe_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    for module in (moe_utils, token_dispatcher):
+        setattr(module, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+        _STATE["restore"].append(functools.partial(setattr, module, "maybe_move_tensor_to_cpu", original))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,6 +378,21 @@ def _patch_pipeline_p2p() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# F. names megatron-core leaves unbound without Transformer Engine
+
+
+def fill_missing_te_names() -> bool:
+    """Bind megatron-core 0.16.1 transformer/moe/moe_utils.te_general_gemm to None when TE did not import (see F).
+    Returns True when it had to. Safe on any device; never overrides a bound name."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def cpu_compat_enabled() -> bool:
@@ -356,7 +400,7 @@ def cpu_compat_enabled() -> bool:
 
 
 def enable_cpu_compat(force: bool = False) -> bool:
-    """Install adaptations A-E (see the module header). Idempotent. Returns True when they are active; on a machine
+    """Install adaptations A-F (see the module header). Idempotent. Returns True when they are active; on a machine
     with CUDA (and force=False) it does nothing and returns False."""
     if _STATE["enabled"]:
         return True
@@ -366,9 +410,11 @@ def enable_cpu_compat(force: bool = False) -> bool:
         original = getattr(torch.cuda, name)
         setattr(torch.cuda, name, shim)
         _STATE["restore"].append(functools.partial(setattr, torch.cuda, name, original))
+    _patch_moe_split_sizes()
     install_cpu_rng_tracker()
     _patch_optimizers()
     _patch_pipeline_p2p()
+    fill_missing_te_names()
     mode = CudaToCpuMode()
     mode.__enter__()
     _STATE["mode"] = mode

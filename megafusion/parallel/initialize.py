@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megafusion.config.schema import ParallelConfig
-from megafusion.parallel.cpu_compat import enable_cpu_compat
+from megafusion.parallel.cpu_compat import enable_cpu_compat, fill_missing_te_names
 
 _OWNS_PROCESS_GROUP = False
 
@@ -119,6 +119,7 @@ def initialize_parallel(parallel_cfg: ParallelConfig, seed: int, timeout_minutes
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         enable_cpu_compat()
+    fill_missing_te_names()
     if on_gpu and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     _init_process_group(resolve_backend(parallel_cfg.distributed_backend), timeout_minutes)
