@@ -22,6 +22,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "vae": ["diffusers", "safetensors"],
+        "vision": ["transformers", "safetensors"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.cli:main"]},

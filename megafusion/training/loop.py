@@ -80,6 +80,8 @@ class Trainer:
         if loaded is not None:
             self.state = loaded.train_state
             self.last_saved_step = self.state.step
+            if info.rank == 0:
+                logger.info("resumed from %s at step %d of %d", loaded.path, self.state.step, self.total_steps)
         self.train_iter, self.valid_iter = build_data_iterators(
             cfg, info.dp_rank, info.dp_size, self.state.consumed_samples,
             data_state=loaded.data_state if loaded is not None else None)
