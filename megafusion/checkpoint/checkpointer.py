@@ -152,7 +152,11 @@ def load_checkpoint(path, model_chunks, optimizer=None, *, scheduler=None, loss_
     saved = read_train_state(path)
     current = layout or ParallelLayout.current()
     want_optimizer = optimizer is not None and load_optimizer
-    if want_optimizer:
+    if want_optimizer and saved.optimizer_format is None and saved.train_state.step == 0:
+        # a seed checkpoint saved without optimizer before any update: a fresh optimizer is its exact state
+        logger.info("checkpoint %s (step 0) holds no optimizer state; the optimizer starts fresh", path)
+        want_optimizer = False
+    elif want_optimizer:
         if saved.optimizer_format is None:
             raise CheckpointLayoutError(f"checkpoint {path} holds no optimizer state; set "
                                         f"checkpoint.load_optimizer=false to load the model weights only")
