@@ -151,13 +151,16 @@ class CpuEvent:
         return 0.0
 
 
-class CpuStream:
+class CpuStream(torch.Stream):
     """Stand-in for torch.cuda.Stream on CPU (megatron-core 0.16.1 MoEAlltoAllTokenDispatcher.cuda_dtoh_stream,
-    DistributedDataParallel communication_stream): one ordered CPU queue, so every wait is a no-op."""
+    DistributedDataParallel communication_stream): one ordered CPU queue, so every wait is a no-op. A torch.Stream
+    (the CPU one), so `tensor.record_stream(stream)` parses and reaches mode A, which makes it a no-op."""
+
+    def __new__(cls, device=None, priority: int = 0, **kwargs):
+        return super().__new__(cls, device="cpu", priority=0)
 
     def __init__(self, device=None, priority: int = 0, **kwargs):
-        self.device = torch.device("cpu")
-        self.priority = priority
+        pass
 
     def wait_stream(self, stream) -> None:
         return None
