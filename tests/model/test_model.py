@@ -41,14 +41,14 @@ def megatron_single_process():
         dist.destroy_process_group()
 
 
-def make_config(backend="dense", recompute="none", **model):
+def make_config(backend="dense", recompute="none", precision="fp32", cpu_init=True, **model):
     fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                   vocab_size=VOCAB, latent_channels=4, latent_size=4, patch_size=2, attention_backend=backend,
                   transformer_impl="local")
     fields.update(model)
     cfg = Config(model=ModelConfig(**fields), data=DataConfig(seq_length=SEQ),
-                 training=TrainingConfig(precision="fp32", recompute=recompute))
-    return build_transformer_config(cfg)
+                 training=TrainingConfig(precision=precision, recompute=recompute))
+    return build_transformer_config(cfg, use_cpu_initialization=cpu_init)
 
 
 def build(config, seed=0) -> MultimodalModel:
@@ -316,6 +316,27 @@ def test_dist_checkpointing_round_trip(tmp_path):
         restored.load_state_dict(dist_checkpointing.load(restored.sharded_state_dict(), str(tmp_path)))
     for (name, a), b in zip(saved.named_parameters(), restored.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_bf16_training_step_on_gpu(impl):
+    from megatron.core import tensor_parallel
+
+    from megafusion.model.attention.backends import transformer_engine_available
+
+    if impl == "transformer_engine" and not transformer_engine_available():
+        pytest.skip("transformer-engine is not installed")
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # GPU weight init draws from megatron's CUDA RNG tracker
+    model = MultimodalModel(make_config(precision="bf16", cpu_init=False, transformer_impl=impl))
+    assert next(model.parameters()).device.type == "cuda"
+    batch = mixed_batch(model.config).to("cuda")
+    out = model(batch)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert out.velocity.shape == batch.latents.shape and torch.isfinite(out.velocity).all()
+    loss_of(out, batch).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 # ---------------------------------------------------------------------------------------------- patchify
