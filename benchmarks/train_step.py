@@ -241,9 +241,15 @@ def main():
                              "OpenMP workers spin while their partner thread is descheduled, which inflates every "
                              "parallel region and swamps the comparison with noise")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
+    parser.add_argument("--mode", choices=("model", "loop"), default="model",
+                        help="model: fwd+bwd+AdamW of the model on one batch; loop: the full `megafusion train` step "
+                             "(loader, noising, megatron schedule, DDP, distributed optimizer, NaN guard, clipping) "
+                             "vs a plain-PyTorch loop doing the same work")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == "loop":
+        return run_loop_mode(args)
 
     from megatron.core import parallel_state
 
@@ -329,6 +335,88 @@ def main():
     print(json.dumps(result))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- loop mode
+def run_loop_mode(args):
+    """Trainer.train_step (everything `megafusion train` does per step, logging and checkpointing aside) vs a
+    plain-PyTorch step over the same loader output: noise_batch, forward, CE + FM loss, backward, clip, AdamW."""
+    import tempfile
+
+    from megafusion.config import load_config
+    from megafusion.data.loader import build_data_iterators
+    from megafusion.parallel.initialize import destroy_parallel, initialize_parallel
+    from megafusion.training.forward_step import noisy_microbatches
+    from megafusion.training.loop import Trainer
+
+    run_dir = tempfile.mkdtemp(prefix="mf_bench_")
+    cfg = load_config("tiny", [
+        f"model.num_layers={LAYERS}", f"model.hidden_size={D}", f"model.num_attention_heads={HEADS}",
+        f"model.num_query_groups={GROUPS}", "model.ffn_hidden_size=null", f"model.vocab_size={VOCAB}",
+        "model.latent_size=16", f"model.attention_backend={args.backend}", "model.transformer_impl=local",
+        f"data.seq_length={SEQ}", "data.num_workers=1", f"training.micro_batch_size={BATCH}",
+        f"training.global_batch_size={BATCH}", f"training.train_steps={args.steps + 10}", "training.precision=fp32",
+        f"training.run_dir={run_dir}", "logging.tensorboard=false", "objective.loss_weighting=fixed",
+        "optimizer.warmup_steps=1", "optimizer.lr=1e-4"])
+    trainer = Trainer(cfg, initialize_parallel(cfg.parallel, cfg.training.seed))
+    model = trainer.model[0].module
+    config = model.config
+    ref = ReferenceModel(config)
+    copy_weights(model, ref)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ref_iter, _ = build_data_iterators(cfg)
+
+    def ref_step() -> float:
+        t0 = time.perf_counter()
+        first = ref_iter.consumed_samples
+        (batch,) = noisy_microbatches([(next(ref_iter), first)], cfg.objective, cfg.training.seed,
+                                      torch.device("cpu"))
+        opt_r.zero_grad(set_to_none=True)
+        loss = reference_loss(ref, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optimizer.clip_grad)
+        opt_r.step()
+        return time.perf_counter() - t0
+
+    def mf_step() -> float:
+        t0 = time.perf_counter()
+        trainer.train_step()
+        return time.perf_counter() - t0
+
+    for _ in range(2):
+        mf_step(), ref_step()
+    peak_before = gemm_peak()
+    times_m, times_r = [], []
+    for i in range(args.steps):
+        if i % 2 == 0:
+            times_m.append(mf_step()), times_r.append(ref_step())
+        else:
+            times_r.append(ref_step()), times_m.append(mf_step())
+    peak = max(peak_before, gemm_peak())
+    tokens = BATCH * SEQ
+    t_m, t_r = min(times_m), min(times_r)
+    flops = step_flops(config, tokens)
+    result = {
+        "name": "train_step_loop",
+        "ratio": round(t_r / t_m, 4),
+        "target": 1.0,
+        "mfu": round(flops / t_m / peak, 4),
+        "reference_mfu": round(flops / t_r / peak, 4),
+        "megafusion_tok_s": round(tokens / t_m, 1),
+        "reference_tok_s": round(tokens / t_r, 1),
+        "ratio_of_medians": round(statistics.median(times_r) / statistics.median(times_m), 4),
+        "megafusion_step_s": [round(t, 3) for t in times_m],
+        "reference_step_s": [round(t, 3) for t in times_r],
+        "gemm_peak_gflops": round(peak / 1e9, 1),
+        "attention_backend": args.backend,
+        "threads": torch.get_num_threads(),
+    }
+    trainer.train_iter.close()
+    ref_iter.close()
+    destroy_parallel()
+    print(f"megafusion train step {result['megafusion_tok_s']} tok/s, plain-PyTorch loop "
+          f"{result['reference_tok_s']} tok/s, MFU {result['mfu']:.1%}")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
