@@ -72,8 +72,8 @@ class ModelConfig:
     timestep_embed_dim: int = 256
     """Width of the sinusoidal flow-time features fed to the timestep MLP."""
     attention_backend: str = "auto"
-    """dense | segmented | flex | te | auto (te when Transformer Engine imports on GPU, flex on GPU, else
-    segmented)."""
+    """dense | segmented | flex | te | auto (flex on GPU, segmented on CPU); te must be chosen explicitly since its
+    fused masks only cover text-only batches efficiently."""
     hide_noised_latents: bool = False
     """BAGEL-style: noised latent positions are invisible to every later position outside their block."""
     transformer_impl: str = "auto"
