@@ -3,18 +3,22 @@
 megatron-core 0.16.1 hard-codes CUDA in code paths that are otherwise device-agnostic. Rather than forking those
 paths, `enable_cpu_compat()` installs the adaptations below, once per process, and only when CUDA is absent (on a
 GPU it returns False and touches nothing). Every adaptation names the megatron-core version and the functions it
-targets, and is covered by tests/parallel/test_cpu_compat.py. `disable_cpu_compat()` undoes all of them.
+targets, and is covered by a focused test in tests/parallel/test_parallel_cpu_compat.py (and end to end by
+tests/parallel/test_parallel_layouts.py). `disable_cpu_compat()` undoes all of them.
 
 Adaptations (megatron-core 0.16.1):
 
-  A. CudaToCpuMode, a torch.overrides.TorchFunctionMode pushed for the process (main thread; autograd propagates
-     it to its threads): tensor factories and `.to()` called with device='cuda' / 'cuda:N' / torch.device('cuda') /
+  A. CudaToCpuMode, a torch.overrides.TorchFunctionMode pushed on the thread that calls enable_cpu_compat (the
+     training thread) and left there until disable_cpu_compat: tensor factories and `.to()` called with device='cuda' / 'cuda:N' / torch.device('cuda') /
      an int device index get device='cpu'; `Tensor.cuda()` returns the CPU tensor; `pin_memory=True` is dropped;
      `Tensor.record_stream` is a no-op. Targets e.g. pipeline_parallel/schedules.py
      (`torch.zeros([], device="cuda")` in forward_backward_*), pipeline_parallel/p2p_communication.py
      (`torch.empty(..., device=torch.cuda.current_device())` in _communicate_shapes/_communicate),
      distributed/param_and_grad_buffer.py (_ParamAndGradBuffer buffers), optimizer/clip_grads.py, router/experts
      of transformer/moe, transformer/dot_product_attention.py (DotProductAttention.__init__), grad_scaler.py.
+     Scope: code run by the autograd engine (custom Function backwards) runs outside the mode, because the mode
+     receives Tensor.backward / torch.autograd.backward themselves and hands them on with itself popped; B covers
+     the literal megatron uses there.
   B. torch.cuda shims, where a function mode cannot reach because no tensor function is called, or because the
      code runs inside the autograd engine (custom Function backwards, e.g. tensor_parallel/mappings.py
      _GatherFromSequenceParallelRegion.backward): torch.cuda.current_device -> torch.device("cpu"),
