@@ -9,8 +9,9 @@ tests/parallel/test_parallel_layouts.py). `disable_cpu_compat()` undoes all of t
 Adaptations (megatron-core 0.16.1):
 
   A. CudaToCpuMode, a torch.overrides.TorchFunctionMode pushed on the thread that calls enable_cpu_compat (the
-     training thread) and left there until disable_cpu_compat: tensor factories and `.to()` called with device='cuda' / 'cuda:N' / torch.device('cuda') /
-     an int device index get device='cpu'; `Tensor.cuda()` returns the CPU tensor; `pin_memory=True` is dropped;
+     training thread) and left there until disable_cpu_compat: tensor factories and `.to()` called with
+     device='cuda' / 'cuda:N' / torch.device('cuda') / an int device index get device='cpu'; `Tensor.cuda()`
+     returns the CPU tensor; `pin_memory=True` is dropped;
      `Tensor.record_stream` is a no-op. Targets e.g. pipeline_parallel/schedules.py
      (`torch.zeros([], device="cuda")` in forward_backward_*), pipeline_parallel/p2p_communication.py
      (`torch.empty(..., device=torch.cuda.current_device())` in _communicate_shapes/_communicate),
@@ -337,8 +338,8 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 
 def _optimizer_targets() -> List[Tuple[Any, str, str]]:
     """(owner, attribute, kind) of every megatron-core 0.16.1 callable that checks `tensor.type()` against
-    torch.cuda.* names; kind is method | static | class | function (a module-level function, patched in every module that
-    imported it by name)."""
+    torch.cuda.* names; kind is method | static | class | function (a module-level function, patched in every
+    module that imported it by name)."""
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params

@@ -51,8 +51,9 @@ def transformer_config(cfg: Config, num_layers=4, moe: Optional[dict] = None) ->
     kwargs = dict(moe or {})
     return TransformerConfig(
         num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-        activation_func=F.gelu, gated_linear_unit=False, normalization="RMSNorm", add_bias_linear=False,  # (a key bias has an exactly-zero
-        # gradient in theory; Adam would turn its rounding noise into lr-sized updates that differ per layout)
+        # no biases: a key bias has an exactly-zero gradient in theory, and Adam would turn its rounding noise into
+        # lr-sized updates that differ per layout
+        activation_func=F.gelu, gated_linear_unit=False, normalization="RMSNorm", add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -203,10 +204,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def compare(run, ref, label: str, grad_steps: Optional[int] = None, rtol=1e-5) -> Dict[str, float]:
     """Compare a layout's (losses, grads, weights) with the reference's over the steps the layout ran (the
-    reference may have run more). Grads are compared at step 0 only when grad_steps=1: after one Adam step, rounding
-    differences of ~1e-7 between layouts are amplified ~10x (Adam's first update is ~lr * sign(g)). Every rank learns whether any rank failed
-    (so no rank is left waiting in a collective) and raises with its own findings. Returns the worst relative
-    errors seen: {"loss": .., "grad": .., "weight": ..}."""
+    reference may have run more): losses of every step, grads of the first `grad_steps` steps (None: all; 0: none,
+    for the distributed optimizer, whose grad buffers are valid only in each rank's shard) and the weights after the
+    last step. Every rank learns whether any rank failed (so no rank is left waiting in a collective) and raises
+    with its own findings. Returns the worst relative errors seen: {"loss": .., "grad": .., "weight": ..}."""
     losses, grads, weights, dims = run
     _, ref_losses, ref_grads, ref_weights = ref
     failures, worst = [], {"loss": 0.0, "grad": 0.0, "weight": 0.0}
