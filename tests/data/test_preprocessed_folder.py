@@ -18,14 +18,14 @@ from megafusion.data.sampler import epoch_order, split_documents  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from corpus import train_tiny_tokenizer
+    from preprocess_corpus import train_tiny_tokenizer
 
     return train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.mark.parametrize("latent_dtype", ["float32", "float16"])
 def test_preprocessed_folder_loads(tmp_path, tokenizer, latent_dtype):
-    from corpus import mixed_rows, write_parquet
+    from preprocess_corpus import mixed_rows, write_parquet
 
     from megafusion.preprocess import PreprocessOptions, run_preprocess
 
