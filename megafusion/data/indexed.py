@@ -23,7 +23,6 @@ back from its uint16 bits). The object pickles by path, so DataLoader workers re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -35,6 +34,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megafusion.data.special_tokens import SPECIAL_TOKENS
+from megafusion.utils.files import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -61,12 +61,6 @@ class Document:
     latents: torch.Tensor  # [n_frames, C, H, W] in the stored latent dtype
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_idx_preamble(path: str) -> Tuple[int, int, int]:
@@ -144,7 +138,7 @@ class MultimodalDataset:
                 raise DatasetFormatError(f"{path}: {size} bytes but the manifest records {want} ({what})")
             digest = files[name].get("sha256")
             if digest and (verify_checksums or (name.endswith(".idx") and size < _HASH_LIMIT)):
-                if _sha256(path) != digest:
+                if file_sha256(path) != digest:
                     raise DatasetFormatError(f"{path}: sha256 differs from the manifest (file corrupted)")
         self.latent_shape = tuple(int(v) for v in self.manifest["latent_shape"])
         storage_np, self.latent_dtype = LATENT_STORAGE[self.manifest["latent_storage"]]

@@ -15,9 +15,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from megafusion.preprocess.atomic import fsync_file, publish, write_atomic
+from megafusion.utils.files import file_sha256, fsync_file, publish_file, write_atomic
 from megafusion.preprocess.shards import shard_prefix
-from megafusion.preprocess.tokenization import file_sha256
 
 FORMAT_VERSION = 1
 DATA_FILES = ("tokens.bin", "tokens.idx", "latents.bin", "latents.idx")
@@ -31,7 +30,7 @@ def merge_rejects(output: str, shards_dir: str, num_shards: int) -> str:
             with open(shard_prefix(shards_dir, i) + ".rejects.jsonl", "rb") as f:
                 shutil.copyfileobj(f, out)
     final = os.path.join(output, "rejects.jsonl")
-    publish(tmp, final)
+    publish_file(tmp, final)
     return final
 
 
@@ -57,7 +56,7 @@ def merge_datasets(output: str, shards_dir: str, num_shards: int, latent_np_dtyp
     for tmp, _ in partial:
         fsync_file(tmp)
     for tmp, final in sorted(partial, key=lambda p: p[1].endswith(".idx")):  # .bin first, .idx last
-        publish(tmp, os.path.join(output, final))
+        publish_file(tmp, os.path.join(output, final))
 
 
 def file_entries(output: str) -> Dict[str, dict]:

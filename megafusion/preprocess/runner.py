@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from typing import Callable, List
 
-from megafusion.preprocess.atomic import write_atomic
+from megafusion.utils.files import write_atomic
 from megafusion.preprocess.documents import DocumentBuilder, latent_storage
 from megafusion.preprocess.options import PreprocessOptions
 from megafusion.preprocess.publish import (FORMAT_VERSION, file_entries, merge_datasets, merge_rejects,

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from megafusion.preprocess.atomic import fsync_file, write_atomic
+from megafusion.utils.files import fsync_file, write_atomic
 from megafusion.preprocess.documents import Document, Reject, Result
 from megafusion.preprocess.records import count_rows
 from megafusion.preprocess.rejects import empty_counts, reject_line

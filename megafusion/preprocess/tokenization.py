@@ -9,7 +9,6 @@ document token stream with images spliced in:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict
 from typing import List
@@ -18,6 +17,7 @@ import numpy as np
 
 from megafusion.data.special_tokens import SPECIAL_TOKENS, SpecialTokens
 from megafusion.preprocess.records import ImagePart, Record, TextPart, VideoPart
+from megafusion.utils.files import file_sha256
 
 # Control pieces placed at the reserved ids by tools/train_tokenizer.py (ids 4..num_reserved-1).
 PIECES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "boi": "<boi>", "eoi": "<eoi>",
@@ -31,12 +31,6 @@ def control_symbols(special: SpecialTokens = SPECIAL_TOKENS) -> List[str]:
     return [by_id.get(i, f"<reserved_{i}>") for i in range(first, special.num_reserved)]
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TextTokenizer:

@@ -1,0 +1,1 @@
+"""Small helpers with no megafusion dependencies, shared by preprocessing, data and checkpoints."""
