@@ -231,6 +231,42 @@ def timed_step(loss_call, optimizer, name: str = "") -> float:
     return time.perf_counter() - t0
 
 
+def alternate(run_m, run_r, steps: int):
+    """Two warm-up steps each, then `steps` timed steps each, alternating which goes first; the GEMM peak is
+    measured before and after. Returns (megafusion times, reference times, peak FLOP/s)."""
+    for _ in range(2):
+        run_m(), run_r()
+    CPU_TIMES.clear()
+    peak_before = gemm_peak()
+    times_m, times_r = [], []
+    for i in range(steps):
+        if i % 2 == 0:
+            times_m.append(run_m()), times_r.append(run_r())
+        else:
+            times_r.append(run_r()), times_m.append(run_m())
+    return times_m, times_r, max(peak_before, gemm_peak())
+
+
+def summary(name: str, times_m, times_r, tokens: int, flops: float, peak: float) -> dict:
+    """Headline numbers from each side's fastest step: on a shared machine other processes only ever add time, so
+    the minimum is the least disturbed measurement; medians and adjacent-pair ratios are reported as a check."""
+    t_m, t_r = min(times_m), min(times_r)
+    return {
+        "name": name,
+        "ratio": round(t_r / t_m, 4),
+        "target": 1.0,
+        "mfu": round(flops / t_m / peak, 4),
+        "reference_mfu": round(flops / t_r / peak, 4),
+        "megafusion_tok_s": round(tokens / t_m, 1),
+        "reference_tok_s": round(tokens / t_r, 1),
+        "ratio_of_medians": round(statistics.median(times_r) / statistics.median(times_m), 4),
+        "median_pair_ratio": round(statistics.median(r / m for m, r in zip(times_m, times_r)), 4),
+        "megafusion_step_s": [round(t, 3) for t in times_m],
+        "reference_step_s": [round(t, 3) for t in times_r],
+        "gemm_peak_gflops": round(peak / 1e9, 1),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
@@ -291,45 +327,19 @@ def main():
                 run()
             print(f"--- {name}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    for _ in range(2):
-        run_m(), run_r()
-    CPU_TIMES.clear()
-    peak_before = gemm_peak()
-    times_m, times_r = [], []
-    for i in range(args.steps):
-        if i % 2 == 0:
-            times_m.append(run_m()), times_r.append(run_r())
-        else:
-            times_r.append(run_r()), times_m.append(run_m())
-    peak = max(peak_before, gemm_peak())
-
-    # On a shared machine other processes only ever add time, so each side's fastest step is its least disturbed
-    # measurement: the headline numbers use the minimum; medians and the median of adjacent-pair ratios are
-    # reported alongside as a check.
+    times_m, times_r, peak = alternate(run_m, run_r, args.steps)
     tokens = BATCH * SEQ
-    t_m, t_r = min(times_m), min(times_r)
     flops = step_flops(config, tokens)
-    result = {
-        "name": "train_step",
-        "ratio": round(t_r / t_m, 4),
-        "target": 1.0,
-        "mfu": round(flops / t_m / peak, 4),
-        "reference_mfu": round(flops / t_r / peak, 4),
-        "megafusion_tok_s": round(tokens / t_m, 1),
-        "reference_tok_s": round(tokens / t_r, 1),
-        "ratio_of_medians": round(statistics.median(times_r) / statistics.median(times_m), 4),
-        "median_pair_ratio": round(statistics.median(r / m for m, r in zip(times_m, times_r)), 4),
+    result = summary("train_step", times_m, times_r, tokens, flops, peak)
+    result.update({
         "cpu_time_ratio": round(min(CPU_TIMES["reference"]) / min(CPU_TIMES["megafusion"]), 4),
-        "megafusion_step_s": [round(t, 3) for t in times_m],
-        "reference_step_s": [round(t, 3) for t in times_r],
-        "gemm_peak_gflops": round(peak / 1e9, 1),
         "step_gflop": round(flops / 1e9, 1),
         "params": n_params,
         "attention_backend": args.backend,
         "threads": torch.get_num_threads(),
         "shape": {"d": D, "layers": LAYERS, "heads": HEADS, "seq": SEQ, "batch": BATCH, "vocab": VOCAB,
                   "latent_positions": batch.num_latent_positions},
-    }
+    })
     print(f"megafusion {result['megafusion_tok_s']} tok/s, reference {result['reference_tok_s']} tok/s, "
           f"MFU {result['mfu']:.1%} of a {result['gemm_peak_gflops']} GFLOP/s fp32 GEMM")
     print(json.dumps(result))
@@ -383,34 +393,13 @@ def run_loop_mode(args):
         trainer.train_step()
         return time.perf_counter() - t0
 
-    for _ in range(2):
-        mf_step(), ref_step()
-    peak_before = gemm_peak()
-    times_m, times_r = [], []
-    for i in range(args.steps):
-        if i % 2 == 0:
-            times_m.append(mf_step()), times_r.append(ref_step())
-        else:
-            times_r.append(ref_step()), times_m.append(mf_step())
-    peak = max(peak_before, gemm_peak())
+    times_m, times_r, peak = alternate(mf_step, ref_step, args.steps)
     tokens = BATCH * SEQ
-    t_m, t_r = min(times_m), min(times_r)
-    flops = step_flops(config, tokens)
-    result = {
-        "name": "train_step_loop",
-        "ratio": round(t_r / t_m, 4),
-        "target": 1.0,
-        "mfu": round(flops / t_m / peak, 4),
-        "reference_mfu": round(flops / t_r / peak, 4),
-        "megafusion_tok_s": round(tokens / t_m, 1),
-        "reference_tok_s": round(tokens / t_r, 1),
-        "ratio_of_medians": round(statistics.median(times_r) / statistics.median(times_m), 4),
-        "megafusion_step_s": [round(t, 3) for t in times_m],
-        "reference_step_s": [round(t, 3) for t in times_r],
-        "gemm_peak_gflops": round(peak / 1e9, 1),
+    result = summary("train_step_loop", times_m, times_r, tokens, step_flops(config, tokens), peak)
+    result.update({
         "attention_backend": args.backend,
         "threads": torch.get_num_threads(),
-    }
+    })
     trainer.train_iter.close()
     ref_iter.close()
     destroy_parallel()
