@@ -180,10 +180,11 @@ def segmented_attention(
     # every query / key / value piece of every segment, as views of q, k, v (see _FanOut for why)
     q_specs = [(m.row, m.start, m.end) for segments in plan.rows for m in segments]
     kv_specs = [_key_spec(m, s) for _, members in plan.groups for m in members]
+    owned = len(kv_specs)  # gradients of these pieces are SDPA's own fresh tensors (see _FanOut.backward)
     kv_specs += [(m.row, m.start, m.end) for m in plan.pads]
-    q_pieces = dict(zip(q_specs, _FanOut.apply(q, q_specs)))
-    k_pieces = dict(zip(kv_specs, _FanOut.apply(k, kv_specs)))
-    v_pieces = dict(zip(kv_specs, _FanOut.apply(v, kv_specs)))
+    q_pieces = dict(zip(q_specs, _FanOut.apply(q, q_specs, len(q_specs))))
+    k_pieces = dict(zip(kv_specs, _FanOut.apply(k, kv_specs, owned)))
+    v_pieces = dict(zip(kv_specs, _FanOut.apply(v, kv_specs, owned)))
     pieces: List[List[Optional[torch.Tensor]]] = [[None] * len(row) for row in plan.rows]
 
     for (kind, lq, lk), members in plan.groups:
@@ -230,11 +231,13 @@ class _FanOut(torch.autograd.Function):
     Why not plain slicing: autograd's SliceBackward / IndexSelectBackward give every piece its own zero-filled
     gradient of x's full size and then sum them, i.e. one fresh [b, h, s, d] buffer (page faults + fill) per
     segment per tensor, about 5% of a fwd+bwd at S=2048. Here the backward accumulates all pieces' gradients
-    into ONE buffer in place."""
+    into ONE buffer in place. With one row, that buffer is the gradient of a piece spanning the whole row when
+    there is one and it is among the first `owned` specs, whose gradients the caller guarantees to be fresh
+    tensors nobody else holds (an SDPA call's dk / dv), so even that buffer is not allocated."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, specs: List[Spec]):
-        ctx.specs, ctx.shape = specs, x.shape
+    def forward(ctx, x: torch.Tensor, specs: List[Spec], owned: int):
+        ctx.specs, ctx.shape, ctx.owned = specs, x.shape, set(specs[:owned])
         outs = []
         for spec in specs:
             if len(spec) == 2:
@@ -246,16 +249,51 @@ class _FanOut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        ref = next((g for g in grads if g is not None), None)
-        if ref is None:
-            return None, None
-        grad = torch.zeros(ctx.shape, dtype=ref.dtype, device=ref.device)
-        for spec, g in zip(ctx.specs, grads):
-            if g is None:
-                continue
+        live = [(spec, g) for spec, g in zip(ctx.specs, grads) if g is not None]
+        if not live:
+            return None, None, None
+        b, _, s, _ = ctx.shape
+        # contiguous pieces, widest first: a range no earlier piece wrote is copied, the rest added
+        written: List[List[Tuple[int, int]]] = [[] for _ in range(b)]
+        ranges = sorted((spec for spec, _ in live if len(spec) == 3), key=lambda sp: sp[1] - sp[2])
+        by_spec = dict(live)
+        if b == 1 and ranges and ranges[0] == (0, 0, s) and ranges[0] in ctx.owned:
+            grad, written[0] = by_spec[ranges.pop(0)].unsqueeze(0), [(0, s)]
+        else:
+            grad = torch.empty(ctx.shape, dtype=live[0][1].dtype, device=live[0][1].device)
+        for row, lo, hi in ranges:
+            g = by_spec[(row, lo, hi)]
+            for a, e, fresh in _overlaps(written[row], lo, hi):
+                dst, src = grad[row, :, a:e], g[:, a - lo : e - lo]
+                dst.copy_(src) if fresh else dst.add_(src)
+        for row in range(b):  # what no piece wrote gets no gradient
+            for a, e, fresh in _overlaps(written[row], 0, s):
+                if fresh:
+                    grad[row, :, a:e].zero_()
+        for spec, g in live:
             if len(spec) == 2:
                 grad[spec[0]].index_add_(1, spec[1], g)
-            else:
-                row, lo, hi = spec
-                grad[row, :, lo:hi] += g
-        return grad, None
+        return grad, None, None
+
+
+def _overlaps(written: List[Tuple[int, int]], lo: int, hi: int) -> List[Tuple[int, int, bool]]:
+    """Cut [lo, hi) into (a, e, fresh) pieces, fresh = not yet in `written` (sorted disjoint ranges), and mark
+    [lo, hi) written."""
+    pieces, pos = [], lo
+    for a, e in written:
+        if e <= pos or a >= hi:
+            continue
+        if a > pos:
+            pieces.append((pos, a, True))
+        pieces.append((max(a, pos), min(e, hi), False))
+        pos = min(e, hi)
+    if pos < hi:
+        pieces.append((pos, hi, True))
+    merged = sorted(written + [(lo, hi)])
+    written.clear()
+    for a, e in merged:
+        if written and a <= written[-1][1]:
+            written[-1] = (written[-1][0], max(written[-1][1], e))
+        else:
+            written.append((a, e))
+    return pieces
