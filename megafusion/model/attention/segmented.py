@@ -192,9 +192,9 @@ def segmented_attention(
         ks = [k_pieces[_key_spec(m, s)] for m in members]
         vs = [v_pieces[_key_spec(m, s)] for m in members]
         if len(members) == 1:
-            qq, kk, vv = qs[0].unsqueeze(0), ks[0].unsqueeze(0), vs[0].unsqueeze(0)
+            qq, kk, vv = qs[0], ks[0], vs[0]
         else:
-            qq, kk, vv = torch.stack(qs), torch.stack(ks), torch.stack(vs)
+            qq, kk, vv = torch.cat(qs), torch.cat(ks), torch.cat(vs)
         mask, causal = None, False
         if kind == CAUSAL:
             if lk == lq:
@@ -204,15 +204,15 @@ def segmented_attention(
         out = F.scaled_dot_product_attention(
             qq, kk, vv, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
         )
-        for m, piece in zip(members, out.unbind(0) if len(members) > 1 else [out.squeeze(0)]):
+        for m, piece in zip(members, out.split(1) if len(members) > 1 else [out]):
             pieces[m.row][m.index] = piece
 
     for m in plan.pads:  # a padding query's only key is itself: softmax weight 1 on its own value
         own = v_pieces[(m.row, m.start, m.end)]
-        pieces[m.row][m.index] = own.repeat_interleave(nq // nkv, dim=0) if gqa else own
+        pieces[m.row][m.index] = own.repeat_interleave(nq // nkv, dim=1) if gqa else own
 
-    rows = [torch.cat(row, dim=1) if len(row) > 1 else row[0] for row in pieces]
-    return rows[0].unsqueeze(0) if b == 1 else torch.stack(rows, 0)
+    rows = [torch.cat(row, dim=2) if len(row) > 1 else row[0] for row in pieces]  # [1, nq, s, d] each
+    return rows[0] if b == 1 else torch.cat(rows)
 
 
 Spec = Tuple  # (row, start, end): positions [start, end) of one row; (row, index tensor): gathered positions
@@ -226,7 +226,7 @@ def _key_spec(seg: Segment, s: int) -> Spec:
 
 
 class _FanOut(torch.autograd.Function):
-    """x [b, h, s, d] -> one piece x[row, :, positions] [h, n, d] per spec (views, or gathers for index specs).
+    """x [b, h, s, d] -> one piece x[row, :, positions] [1, h, n, d] per spec (views; gathers for index specs).
 
     Why not plain slicing: autograd's SliceBackward / IndexSelectBackward give every piece its own zero-filled
     gradient of x's full size and then sum them, i.e. one fresh [b, h, s, d] buffer (page faults + fill) per
@@ -241,10 +241,10 @@ class _FanOut(torch.autograd.Function):
         outs = []
         for spec in specs:
             if len(spec) == 2:
-                outs.append(x[spec[0]].index_select(1, spec[1]))
+                outs.append(x[spec[0] : spec[0] + 1].index_select(2, spec[1]))
             else:
                 row, lo, hi = spec
-                outs.append(x[row, :, lo:hi])
+                outs.append(x[row : row + 1, :, lo:hi])
         return tuple(outs)
 
     @staticmethod
@@ -258,13 +258,13 @@ class _FanOut(torch.autograd.Function):
         ranges = sorted((spec for spec, _ in live if len(spec) == 3), key=lambda sp: sp[1] - sp[2])
         by_spec = dict(live)
         if b == 1 and ranges and ranges[0] == (0, 0, s) and ranges[0] in ctx.owned:
-            grad, written[0] = by_spec[ranges.pop(0)].unsqueeze(0), [(0, s)]
+            grad, written[0] = by_spec[ranges.pop(0)], [(0, s)]
         else:
             grad = torch.empty(ctx.shape, dtype=live[0][1].dtype, device=live[0][1].device)
         for row, lo, hi in ranges:
             g = by_spec[(row, lo, hi)]
             for a, e, fresh in _overlaps(written[row], lo, hi):
-                dst, src = grad[row, :, a:e], g[:, a - lo : e - lo]
+                dst, src = grad[row, :, a:e], g[0, :, a - lo : e - lo]
                 dst.copy_(src) if fresh else dst.add_(src)
         for row in range(b):  # what no piece wrote gets no gradient
             for a, e, fresh in _overlaps(written[row], 0, s):
@@ -272,7 +272,7 @@ class _FanOut(torch.autograd.Function):
                     grad[row, :, a:e].zero_()
         for spec, g in live:
             if len(spec) == 2:
-                grad[spec[0]].index_add_(1, spec[1], g)
+                grad[spec[0]].index_add_(1, spec[1], g[0])
         return grad, None, None
 
 
