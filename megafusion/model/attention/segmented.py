@@ -47,6 +47,7 @@ class Segment:
     key_start: int = 0  # contiguous keys [key_start, key_end) when key_index is None
     key_end: int = 0
     key_index: Optional[torch.Tensor] = None  # gathered key positions (visible prefix + own keys)
+    prefix_index: Optional[torch.Tensor] = None  # a CAUSAL segment's gathered prefix: key_index less its own keys
 
     @property
     def num_queries(self) -> int:
@@ -126,6 +127,8 @@ def build_plan(layout: AttentionLayout) -> SegmentPlan:
         for seg in segments:
             if seg.key_index is not None:
                 seg.key_index = seg.key_index.to(device)
+                if seg.kind == CAUSAL:
+                    seg.prefix_index = seg.key_index[: seg.num_keys - seg.num_queries]
             if seg.kind == PAD:
                 pads.append(seg)
             else:
@@ -176,12 +179,15 @@ def segmented_attention(
         raise ValueError(f"segmented attention: {nkv} key/value heads do not divide {nq} query heads")
     plan: SegmentPlan = layout.cached(PLAN_KEY, lambda: build_plan(layout))
     gqa = nq != nkv
+    # a text run after a prefix: two unmasked CPU flash calls instead of one masked SDPA (see _PrefixCausal)
+    split = q.device.type == "cpu" and not gqa and dropout_p == 0.0
+    key_specs = lambda m: _key_specs(m, s, split)  # noqa: E731
 
     # every query / key / value piece of every segment, as views of q, k, v (see _FanOut for why)
     q_specs = [(m.row, m.start, m.end) for segments in plan.rows for m in segments]
-    kv_specs = [_key_spec(m, s) for _, members in plan.groups for m in members]
+    kv_specs = list(dict.fromkeys(spec for _, members in plan.groups for m in members for spec in key_specs(m)))
     owned = len(kv_specs)  # gradients of these pieces are SDPA's own fresh tensors (see _FanOut.backward)
-    kv_specs += [(m.row, m.start, m.end) for m in plan.pads]
+    kv_specs += [(m.row, m.start, m.end) for m in plan.pads]  # distinct from the keys above: padding is no key
     q_pieces = dict(zip(q_specs, _FanOut.apply(q, q_specs, len(q_specs))))
     k_pieces = dict(zip(kv_specs, _FanOut.apply(k, kv_specs, owned)))
     v_pieces = dict(zip(kv_specs, _FanOut.apply(v, kv_specs, owned)))
@@ -189,12 +195,15 @@ def segmented_attention(
 
     for (kind, lq, lk), members in plan.groups:
         qs = [q_pieces[(m.row, m.start, m.end)] for m in members]
-        ks = [k_pieces[_key_spec(m, s)] for m in members]
-        vs = [v_pieces[_key_spec(m, s)] for m in members]
-        if len(members) == 1:
-            qq, kk, vv = qs[0], ks[0], vs[0]
-        else:
-            qq, kk, vv = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+        ks = _batched([[k_pieces[spec] for spec in key_specs(m)] for m in members])
+        vs = _batched([[v_pieces[spec] for spec in key_specs(m)] for m in members])
+        qq = qs[0] if len(members) == 1 else torch.cat(qs)
+        if len(ks) == 2:  # [prefix keys, own keys]
+            out = _PrefixCausal.apply(qq, ks[0], vs[0], ks[1], vs[1], scale)
+            for m, piece in zip(members, out.split(1) if len(members) > 1 else [out]):
+                pieces[m.row][m.index] = piece
+            continue
+        kk, vv = ks[0], vs[0]
         mask, causal = None, False
         if kind == CAUSAL:
             if lk == lq:
@@ -218,11 +227,51 @@ def segmented_attention(
 Spec = Tuple  # (row, start, end): positions [start, end) of one row; (row, index tensor): gathered positions
 
 
-def _key_spec(seg: Segment, s: int) -> Spec:
-    """Where the keys (and values) of `seg` come from: a contiguous range of its row, else a gather."""
+def _key_specs(seg: Segment, s: int, split: bool) -> List[Spec]:
+    """Where the keys (and values) of `seg` come from: a contiguous range of its row, else a gather; with `split`,
+    a text run after a prefix gives [prefix, own keys] (its own keys are its query positions)."""
+    if split and seg.kind == CAUSAL and seg.num_keys > seg.num_queries:
+        prefix = (seg.row, seg.prefix_index) if seg.key_index is not None else (seg.row, seg.key_start, seg.start)
+        return [prefix, (seg.row, seg.start, seg.end)]
     if seg.key_index is not None:
-        return (seg.row, seg.key_index)
-    return (seg.row, seg.key_start, seg.key_end)
+        return [(seg.row, seg.key_index)]
+    return [(seg.row, seg.key_start, seg.key_end)]
+
+
+def _batched(parts: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+    """Per member a list of [1, h, n, d] key parts -> per part one [members, h, n, d] tensor."""
+    return [ps[0] if len(ps) == 1 else torch.cat(ps) for ps in zip(*parts)]
+
+
+class _PrefixCausal(torch.autograd.Function):
+    """Exact attention of q [n, h, L, d] over a fully visible prefix kp/vp [n, h, P, d] followed by its own keys
+    ko/vo [n, h, L, d] seen causally: the CPU flash kernel once unmasked over the prefix and once with `is_causal`
+    over the own keys, the two results merged by their log-sum-exp.
+
+    Why: one SDPA call over [prefix; own] needs an explicit [L, P + L] mask, and the CPU kernel runs ~10-15% slower
+    per score under a mask (a mask read and a separate max pass per score), which at S=2048 is most of the gap to
+    plain causal SDPA. The backward is exact too: the flash backward of each key part, given the merged output
+    and log-sum-exp, yields that part's dk, dv and its share of dq."""
+
+    @staticmethod
+    def forward(ctx, q, kp, vp, ko, vo, scale: float):
+        attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o1, l1 = attend(q, kp, vp, 0.0, False, scale=scale)  # l: [n, h, L] log-sum-exp of the scaled scores
+        o2, l2 = attend(q, ko, vo, 0.0, True, scale=scale)
+        lse = torch.logaddexp(l1, l2)
+        out = o1.float() * (l1 - lse).exp_().unsqueeze(-1) + o2.float() * (l2 - lse).exp_().unsqueeze(-1)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, kp, vp, ko, vo, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, kp, vp, ko, vo, out, lse = ctx.saved_tensors
+        grad = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq, dkp, dvp = grad(grad_out, q, kp, vp, out, lse, 0.0, False, scale=ctx.scale)
+        dq_own, dko, dvo = grad(grad_out, q, ko, vo, out, lse, 0.0, True, scale=ctx.scale)
+        return dq.add_(dq_own), dkp, dvp, dko, dvo, None
 
 
 class _FanOut(torch.autograd.Function):
@@ -233,11 +282,13 @@ class _FanOut(torch.autograd.Function):
     segment per tensor, about 5% of a fwd+bwd at S=2048. Here the backward accumulates all pieces' gradients
     into ONE buffer in place. With one row, that buffer is the gradient of a piece spanning the whole row when
     there is one and it is among the first `owned` specs, whose gradients the caller guarantees to be fresh
-    tensors nobody else holds (an SDPA call's dk / dv), so even that buffer is not allocated."""
+    tensors nobody else holds (an SDPA call's dk / dv), so even that buffer is not allocated. Specs must be
+    distinct (each piece's gradient is written once)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, specs: List[Spec], owned: int):
         ctx.specs, ctx.shape, ctx.owned = specs, x.shape, set(specs[:owned])
+        ctx.set_materialize_grads(False)  # an unused piece gets None, not a zero tensor
         outs = []
         for spec in specs:
             if len(spec) == 2:
