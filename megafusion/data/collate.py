@@ -1,16 +1,29 @@
-"""Turn laid-out sequences into the Batch contract.
+"""Turn laid-out or read rows into the Batch contract; patchify.
 
-A `SequenceLayout` is one packed row, already cut to fit: an ordered list of document segments, each an ordered
-list of parts — `TextPart` (token ids) or `FramePart` (the patches of one image or one video frame). `collate`
-builds the per-position metadata of megafusion.data.batch.Batch from a list of such rows and pads each to
-seq_length. Deciding *what* goes into a row (packing, never splitting a frame) is the packer's job; this module
-only writes the contract, so the packer, the synthetic generator and the sampler produce identical batches.
+Two inputs, one contract (megafusion.data.batch.Batch), identical batches for identical content:
+
+- `collate(rows: [SequenceLayout])`: a row is an ordered list of document segments, each an ordered list of
+  parts — `TextPart` (token ids) or `FramePart` (the patches of one image or one video frame, with its own
+  `noised` flag). Used by the synthetic generator and tests that build layouts by hand.
+- `collate_packed(rows: [PackedRow])`: a row as read from a dataset folder by packing.read_row — its token
+  stream with one FRAME token per frame, its segment lengths and its frames' stored latents [count, C, H, W]
+  (memory-map views). The loader's hot path: per-position metadata of the whole micro-batch is built with one
+  np.repeat per field over the batch's token stream (each FRAME token expanded to its patches, one padding
+  pseudo-token per row expanded to the padded tail), and the latents are patchified straight into the output.
+
+Deciding *what* goes into a row (packing, never splitting a frame) is the packer's job; this module only writes
+the contract. `latents` and `noisy_latents` of a collated Batch are the same tensor (noisy_latents = latents
+before noising): consumers must not write either in place — the flow-matching objective
+(megafusion.objectives.flow_matching.noise_batch) returns fresh tensors for every field it fills.
+
+`patchify` cuts [F, C, H, W] latents into p x p patches in raster order, each patch vector (C, p, p) flattened:
+[F, (H/p)*(W/p), C*p*p]; `unpatchify` is its inverse.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -142,6 +155,181 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
         context_start=torch.from_numpy(context_start),
         noised=torch.from_numpy(noised),
         latents=lat,
-        noisy_latents=torch.from_numpy(lat_np.copy()),  # numpy memcpy: torch's threaded clone stalls on busy hosts
+        noisy_latents=lat,  # the same tensor until noised (see the module docstring)
         latent_t=torch.from_numpy(np.ones(lat.shape[0], dtype=np.float32)),
     )
+
+
+# ---------------------------------------------------------------------------------------------- packed rows
+@dataclass
+class PackedRow:
+    """One planned row as read from a dataset: what `collate_packed` needs, nothing expanded yet."""
+
+    tokens: np.ndarray  # [T] int token stream of the row, one frame_token where each frame goes
+    segment_lengths: List[int]  # tokens per document segment, in order; they sum to T
+    frames: List[np.ndarray]  # stored latents [count, C, H, W] of the row's frames in stream order (views)
+    latent_dtype: torch.dtype = torch.float32  # what the stored frame values mean (16-bit: uint16 bit patterns)
+
+
+def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, patch_dim: int, frame_token: int,
+                   pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
+    """Build a Batch of len(rows) sequences of seq_length positions; every frame is noised (dataset frames).
+
+    Equal to `collate` of the same rows laid out as TextParts and FrameParts. The batch's token streams are
+    concatenated with one padding pseudo-token after each row; each token gets a repeat count (ppf for a FRAME,
+    1 for text, seq_length - used for the pseudo-token), so `np.repeat` of a per-token value yields the whole
+    [b, s] field at once. Latents are float32 (16-bit storage is widened exactly) and are patchified in two
+    passes: whole latent rows from the memory map into a rows-first buffer, then patches into the output.
+    """
+    b, S = len(rows), seq_length
+    if b == 0:
+        raise ValueError("collate_packed: no rows")
+    frames = [f for row in rows for f in row.frames]
+    n_frames = sum(f.shape[0] for f in frames)
+    if n_frames:
+        _, c, h, w = frames[0].shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={patch_size}")
+        ppf = (h // patch_size) * (w // patch_size)
+        if c * patch_size * patch_size != patch_dim:
+            raise ValueError(f"frames of {c} channels give patches of {c * patch_size * patch_size} values with "
+                             f"model.patch_size={patch_size}, but patch_dim={patch_dim}")
+    else:
+        ppf = 1
+
+    # the batch's token stream, a padding pseudo-token after each row; its segments, -1 for the pseudo-token
+    stream, seg_ids, seg_lens = [], [], []
+    for row in rows:
+        stream.append(row.tokens)
+        stream.append(_PAD_TOKEN)
+        seg_ids.append(np.arange(len(row.segment_lengths) + 1, dtype=np.int64))
+        seg_lens += row.segment_lengths
+        seg_lens.append(1)
+    toks = np.concatenate(stream)
+    seg_id = np.concatenate(seg_ids)
+    seg_len = np.asarray(seg_lens, dtype=np.int64)
+    pseudo = np.cumsum([len(row.tokens) + 1 for row in rows]) - 1  # index of each row's pseudo-token
+    seg_pseudo = np.cumsum([len(row.segment_lengths) + 1 for row in rows]) - 1
+    seg_id[seg_pseudo] = -1
+
+    is_frame = toks == frame_token
+    is_frame[pseudo] = False
+    if int(np.count_nonzero(is_frame)) != n_frames:
+        raise ValueError(f"collate_packed: the rows hold {int(np.count_nonzero(is_frame))} FRAME tokens but "
+                         f"{n_frames} frames of latents")
+    count = np.where(is_frame, ppf, 1)
+    count[pseudo] = 0
+    ends = np.cumsum(count)[pseudo]
+    used = np.diff(ends, prepend=0)  # positions filled per row
+    if (used > S).any():
+        r = int(np.argmax(used > S))
+        raise ValueError(f"row {r} holds {int(used[r])} positions, more than seq_length={S}")
+    count[pseudo] = S - used
+
+    # per-token values, then one repeat per field
+    start = np.cumsum(count) - count  # flat position of each token's first position
+    seg_first = np.cumsum(seg_len) - seg_len  # token index of each segment's first token
+    seg_row = np.repeat(np.arange(b, dtype=np.int64), np.diff(seg_pseudo, prepend=-1))
+    seg_start = start[seg_first] - seg_row * S  # row-relative position where each segment starts
+    frame_index = np.cumsum(is_frame) - 1  # frames before each token, over the whole batch
+    row_frames = np.concatenate(([0], frame_index[pseudo[:-1]] + 1))  # frames before each row
+    block = np.where(is_frame, frame_index - np.repeat(row_frames, np.diff(pseudo, prepend=-1)), -1)
+    text = ~is_frame
+    text[pseudo] = False
+    doc = np.repeat(seg_id, seg_len)
+    lm = np.zeros(len(toks), dtype=np.float32)  # CE counts where this token and the next are text of one segment
+    lm[:-1] = text[:-1] & text[1:] & (doc[:-1] == doc[1:])
+
+    shape = (b, S)
+    tokens = np.repeat(np.where(text, toks, pad_id).astype(np.int64, copy=False), count).reshape(shape)
+    modality = np.repeat(np.where(is_frame, MODALITY_IMAGE, MODALITY_TEXT), count).reshape(shape)
+    block_ids = np.repeat(block, count).reshape(shape)
+    document_ids = np.repeat(doc, count).reshape(shape)
+    context_start = np.repeat(np.repeat(seg_start, seg_len), count).reshape(shape)
+    noised = np.repeat(is_frame, count).reshape(shape)
+    loss_mask = np.repeat(lm, count).reshape(shape)
+    positions = np.arange(S, dtype=np.int64)
+    for r, u in enumerate(used.tolist()):  # padding sees only itself
+        context_start[r, u:] = positions[u:]
+    labels = np.empty_like(tokens)
+    labels[:, :-1] = tokens[:, 1:]
+    labels[:, -1] = pad_id
+
+    lat_np = np.empty((n_frames * ppf, patch_dim), dtype=np.float32)
+    if n_frames:
+        # step 1: every frame straight from the memory map into patchify's rows-first layout (whole latent rows)
+        rows_first = np.empty((n_frames, h // patch_size, c, patch_size, w), dtype=np.float32)
+        f = 0
+        for row in rows:
+            for fr in row.frames:
+                if fr.dtype != np.float32:
+                    fr = _widen(fr, row.latent_dtype)
+                np.copyto(rows_first[f: f + fr.shape[0]], _rows_first(fr, patch_size))
+                f += fr.shape[0]
+        # step 2: patches into the output
+        _patches_from_rows(rows_first, patch_size, out=lat_np.reshape(n_frames, ppf, patch_dim))
+    lat = torch.from_numpy(lat_np)
+    return Batch(
+        tokens=torch.from_numpy(tokens),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask),
+        modality=torch.from_numpy(modality),
+        block_ids=torch.from_numpy(block_ids),
+        document_ids=torch.from_numpy(document_ids),
+        context_start=torch.from_numpy(context_start),
+        noised=torch.from_numpy(noised),
+        latents=lat,
+        noisy_latents=lat,  # the same tensor until noised (see the module docstring)
+        latent_t=torch.from_numpy(np.ones(lat_np.shape[0], dtype=np.float32)),
+    )
+
+
+_PAD_TOKEN = np.zeros(1, dtype=np.int32)  # the padding pseudo-token's id (never read: its value is pad_id)
+
+
+def _widen(raw: np.ndarray, stored: torch.dtype) -> np.ndarray:
+    """16-bit stored latent bits -> float32, exactly (bfloat16: shift into the high half; float16: convert)."""
+    if stored == torch.bfloat16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if stored == torch.float16:
+        return raw.view(np.float16).astype(np.float32)
+    raise ValueError(f"latents stored as {raw.dtype} meaning {stored}: expected float32, float16 or bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------- patchify
+def patchify(latents: np.ndarray, p: int) -> np.ndarray:
+    """[F, C, H, W] -> [F, (H/p)*(W/p), C*p*p], patches in raster order, patch vector (C, p, p) flattened."""
+    f, c, h, w = latents.shape
+    if h % p or w % p:
+        raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={p}")
+    return _patches_from_rows(np.ascontiguousarray(_rows_first(latents, p)), p)
+
+
+def _rows_first(latents: np.ndarray, p: int) -> np.ndarray:
+    """Step 1 of patchify, a view: [F, C, H, W] -> [F, H/p, C, p, W] (moves whole latent rows of W values)."""
+    f, c, h, w = latents.shape
+    return latents.reshape(f, c, h // p, p, w).transpose(0, 2, 1, 3, 4)
+
+
+def _patches_from_rows(rows: np.ndarray, p: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Step 2 of patchify: contiguous [F, H/p, C, p, W] -> [F, (H/p)*(W/p), C*p*p] (into `out` when given).
+
+    Each run of p adjacent values is viewed as one wide element (p=2 float32 -> one uint64), so numpy moves
+    p values per element instead of one: about 5x faster than a single 6-D transpose of scalars.
+    """
+    f, hp, c, _, w = rows.shape
+    wp = w // p
+    nbytes = p * rows.itemsize
+    wide = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(nbytes, np.dtype((np.void, nbytes)))
+    grouped = rows.view(wide).reshape(f, hp, c, p, wp).transpose(0, 1, 4, 2, 3)  # [F, H/p, W/p, C, p] of p-runs
+    if out is None:
+        out = np.empty((f, hp * wp, c * p * p), dtype=rows.dtype)
+    np.copyto(out.view(wide).reshape(f, hp, wp, c, p), grouped)
+    return out
+
+
+def unpatchify(patches: np.ndarray, p: int, channels: int, height: int, width: int) -> np.ndarray:
+    """Inverse of patchify: [F, (H/p)*(W/p), C*p*p] -> [F, C, H, W]."""
+    f = patches.shape[0]
+    x = patches.reshape(f, height // p, width // p, channels, p, p).transpose(0, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(x).reshape(f, channels, height, width)

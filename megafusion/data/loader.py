@@ -34,9 +34,9 @@ import torch
 from megafusion.config.schema import Config
 from megafusion.data.batch import Batch
 from megafusion.data.blending import BlendIndex
-from megafusion.data.collate import SequenceLayout, collate
+from megafusion.data.collate import SequenceLayout, collate, collate_packed
 from megafusion.data.indexed import MultimodalDataset
-from megafusion.data.packing import layout_row
+from megafusion.data.packing import read_row
 from megafusion.data.sampler import MicroBatchSampler, PackedRowStream, split_documents
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 
@@ -93,17 +93,21 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         self.seq_length, self.patch_dim, self.patch_size = seq_length, patch_dim, patch_size
         self.datasets = list(datasets)
         self.synthetic = synthetic
+        frame_tokens = {ds.frame_token for ds in self.datasets}
+        if len(frame_tokens) > 1:
+            raise ValueError(f"data.paths: the datasets use different FRAME token ids {sorted(frame_tokens)}")
+        self.frame_token = frame_tokens.pop() if frame_tokens else None
 
-    def row(self, plan) -> SequenceLayout:
-        if self.synthetic is not None:
-            s = self.synthetic
-            seed = int(np.random.SeedSequence([s.seed, s.split, int(plan)]).generate_state(1)[0])
-            return SyntheticDocuments(s.spec, seed=seed).row()
-        k, segments = plan
-        return layout_row(self.datasets[k], segments, self.patch_size)
+    def synthetic_row(self, plan) -> SequenceLayout:
+        s = self.synthetic
+        seed = int(np.random.SeedSequence([s.seed, s.split, int(plan)]).generate_state(1)[0])
+        return SyntheticDocuments(s.spec, seed=seed).row()
 
     def __getitem__(self, plans) -> Batch:
-        return collate([self.row(p) for p in plans], self.seq_length, self.patch_dim)
+        if self.synthetic is not None:
+            return collate([self.synthetic_row(p) for p in plans], self.seq_length, self.patch_dim)
+        rows = [read_row(self.datasets[k], segments) for k, segments in plans]
+        return collate_packed(rows, self.seq_length, self.patch_size, self.patch_dim, self.frame_token)
 
     def max_batch_bytes(self, micro_batch_size: int) -> int:
         """Bytes of the largest possible Batch (every position a latent one), fields 8-byte aligned."""

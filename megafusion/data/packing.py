@@ -12,11 +12,11 @@ Packing is split in two so the expensive half can run in loader workers:
      - a cut that would fall exactly between a BOI and its frame moves before the BOI instead.
    The plan is a pure function of the document stream, so the same stream gives the same rows on every rank,
    in every worker and after a resume.
-2. `layout_row` (worker) reads the planned token ranges and frames, patchifies all frames of the row in one
-   vectorised call and returns the `SequenceLayout` that `collate` turns into the Batch contract.
+2. `read_row` (worker) reads the planned token ranges and the frames' memory-map views into a `PackedRow`,
+   which `collate_packed` (collate.py) turns into the Batch contract, patchifying straight into the output.
+   `layout_row` gives the same row as a `SequenceLayout` of TextParts and FrameParts (for `collate`; tests).
 
-`patchify` cuts [F, C, H, W] latents into p x p patches in raster order, each patch vector (C, p, p) flattened:
-[F, (H/p)*(W/p), C*p*p]; `unpatchify` is its inverse.
+`patchify` / `unpatchify` live in collate.py and are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,46 +25,12 @@ from typing import List
 
 import numpy as np
 
-from megafusion.data.collate import FramePart, Part, SequenceLayout, TextPart
+from megafusion.data.collate import (FramePart, PackedRow, Part, SequenceLayout, TextPart, _patches_from_rows,
+                                     _rows_first, patchify, unpatchify)
 from megafusion.data.indexed import MultimodalDataset, to_float32
 
 SEGMENT_FIELDS = ("document", "token_start", "token_end", "first_frame")
-
-
-def patchify(latents: np.ndarray, p: int) -> np.ndarray:
-    """[F, C, H, W] -> [F, (H/p)*(W/p), C*p*p], patches in raster order, patch vector (C, p, p) flattened."""
-    f, c, h, w = latents.shape
-    if h % p or w % p:
-        raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={p}")
-    return _patches_from_rows(np.ascontiguousarray(_rows_first(latents, p)), p)
-
-
-def _rows_first(latents: np.ndarray, p: int) -> np.ndarray:
-    """Step 1 of patchify, a view: [F, C, H, W] -> [F, H/p, C, p, W] (moves whole latent rows of W values)."""
-    f, c, h, w = latents.shape
-    return latents.reshape(f, c, h // p, p, w).transpose(0, 2, 1, 3, 4)
-
-
-def _patches_from_rows(rows: np.ndarray, p: int) -> np.ndarray:
-    """Step 2 of patchify: contiguous [F, H/p, C, p, W] -> [F, (H/p)*(W/p), C*p*p].
-
-    Each run of p adjacent values is viewed as one wide element (p=2 float32 -> one uint64), so numpy moves
-    p values per element instead of one: about 5x faster than a single 6-D transpose of scalars.
-    """
-    f, hp, c, _, w = rows.shape
-    wp = w // p
-    nbytes = p * rows.itemsize
-    wide = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(nbytes, np.dtype((np.void, nbytes)))
-    grouped = rows.view(wide).reshape(f, hp, c, p, wp)
-    out = np.ascontiguousarray(grouped.transpose(0, 1, 4, 2, 3)).view(rows.dtype)  # [F, H/p, W/p, C, p, p]
-    return out.reshape(f, hp * wp, c * p * p)
-
-
-def unpatchify(patches: np.ndarray, p: int, channels: int, height: int, width: int) -> np.ndarray:
-    """Inverse of patchify: [F, (H/p)*(W/p), C*p*p] -> [F, C, H, W]."""
-    f = patches.shape[0]
-    x = patches.reshape(f, height // p, width // p, channels, p, p).transpose(0, 3, 1, 4, 2, 5)
-    return np.ascontiguousarray(x).reshape(f, channels, height, width)
+__all__ = ["RowPlanner", "read_row", "layout_row", "patchify", "unpatchify", "SEGMENT_FIELDS"]
 
 
 class RowPlanner:
@@ -149,6 +115,23 @@ class RowPlanner:
         """Close the open row (its tail becomes padding); used at the end of a finite stream."""
         if self._segments:
             self._close()
+
+
+def read_row(dataset: MultimodalDataset, plan: np.ndarray) -> PackedRow:
+    """Read one planned row: its token stream (segments back to back) and its frames as memory-map views."""
+    frame_token = dataset.frame_token
+    tokens, lengths, frames = [], [], []
+    for doc, start, end, first in plan.tolist():
+        toks = dataset.tokens(doc, start, end)
+        tokens.append(toks)
+        lengths.append(end - start)
+        n = int(np.count_nonzero(toks == frame_token))
+        if n:
+            if first + n > dataset.frame_counts[doc]:  # planned as text: its FRAMEs have no latents
+                dataset.frame_positions(doc)  # raises DatasetFormatError naming the document
+            frames.append(dataset.frames_raw(doc, first, n))
+    stream = tokens[0] if len(tokens) == 1 else np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    return PackedRow(stream, lengths, frames, dataset.latent_dtype)
 
 
 def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) -> SequenceLayout:
