@@ -137,14 +137,45 @@ def test_segmented_matches_dense_on_crafted_rows(hide_noised):
     assert len(plan.groups) < len(segments) - len(plan.pads)  # equal shapes share one SDPA call
 
 
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("hide_noised", [False, True], ids=["visible", "hide_noised"])
-def test_segmented_text_runs_in_query_chunks_match_dense(monkeypatch, hide_noised):
+def test_segmented_text_runs_in_query_chunks_match_dense(monkeypatch, hide_noised, heads):
     monkeypatch.setattr(segmented_module, "TEXT_CHUNK", 2)  # every text run after a prefix in chunks of 2
     layout = crafted_layout(CRAFTED, 64, hide_noised=hide_noised)
-    assert_matches_dense(segmented_attention, layout, 4, 2)
+    assert_matches_dense(segmented_attention, layout, *heads)
     causal = [seg for row in layout.cache[segmented_module.PLAN_KEY].rows for seg in row if seg.kind == CAUSAL]
     assert max(seg.num_queries for seg in causal if seg.num_keys > seg.num_queries) == 2
     assert max(seg.num_queries for seg in causal) > 2  # runs without a prefix stay one is_causal call
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_segmented_text_after_a_prefix_runs_unmasked_on_cpu_with_mha(heads):
+    # MHA on CPU: prefix + causal own keys as two unmasked flash calls (no mask is ever built); GQA: masked SDPA
+    layout = crafted_layout(CRAFTED, 64, hide_noised=True)
+    assert_matches_dense(segmented_attention, layout, *heads)
+    assert (not layout.cache[segmented_module.PLAN_KEY].masks) == (heads[0] == heads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_causal_equals_masked_sdpa_forward_and_backward(dtype):
+    n, h, prefix, own, d = 3, 2, 5, 7, 16
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, h, size, d, generator=g) for size in (own, prefix + own, prefix + own))
+    grad = torch.randn(n, h, own, d, generator=g)
+    allowed = torch.ones(own, prefix + own, dtype=torch.bool).tril(prefix)  # causal aligned bottom-right
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=allowed, scale=0.3)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad)
+    got_in = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    qq, kk, vv = got_in
+    got = segmented_module._PrefixCausal.apply(
+        qq, kk[:, :, :prefix], vv[:, :, :prefix], kk[:, :, prefix:], vv[:, :, prefix:], 0.3
+    )
+    got_grads = torch.autograd.grad(got, got_in, grad.to(dtype))
+    tol = TOL if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for name, r, x in zip(("out", "dq", "dk", "dv"), (ref, *ref_grads), (got, *got_grads)):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.float(), r, **tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_segmented_plan_is_built_once_per_batch(monkeypatch):

@@ -4,10 +4,12 @@ Each packed row is cut into segments of queries that share one key structure (se
 
   text run      queries [a, b) of one document with one context_start c. Keys: the visible prefix [c, a), seen
                 by every query, then [a, b) causally, i.e. a causal mask aligned to the bottom-right corner of
-                the [L, P + L] score block. With no prefix (P = 0) that is SDPA's own `is_causal`; otherwise a
-                small additive mask of that shape, cached per (L, P + L), and the run is cut into chunks of
-                TEXT_CHUNK queries so little of the masked upper triangle is computed (the CPU flash kernel
-                skips nothing under an explicit mask).
+                the [L, P + L] score block. With no prefix (P = 0) that is SDPA's own `is_causal`. Otherwise the
+                run is cut into chunks of TEXT_CHUNK queries (the kernels compute a chunk's whole [L, L] own
+                block, so chunks keep its wasted upper triangle small), and each chunk runs on CPU (MHA, no
+                dropout) as two unmasked flash calls, the prefix plainly and the own keys with `is_causal`,
+                merged by log-sum-exp (`_PrefixCausal`); elsewhere as one SDPA call with a small additive mask
+                of shape [L, P + L], cached per shape.
   visual block  queries of one image / video frame: keys are the visible prefix [c, block_start) plus the whole
                 block, no mask at all (bidirectional inside, everything earlier outside).
   padding       a padding query attends only to itself, so its output is its own value row.
@@ -15,9 +17,10 @@ Each packed row is cut into segments of queries that share one key structure (se
 "Visible" drops padding keys and, with `hide_noised`, the noised latents of other blocks; the keys of a segment
 are then a gathered index list instead of a contiguous slice, and the result stays exact. Segments of equal
 shape (kind, queries, keys) anywhere in the batch run as one batched SDPA call. The plan (segments, groups,
-gather indices, masks) lives in `layout.cache`, so it is computed once per batch, not once per layer; forward
-and backward are autograd through `F.scaled_dot_product_attention`, with the per-segment pieces of q, k, v cut by
-one small autograd Function (`_FanOut`) whose backward gathers all their gradients into one buffer.
+gather indices, masks) lives in `layout.cache`, so it is computed once per batch, not once per layer. Forward
+and backward are autograd through SDPA (and `_PrefixCausal`); the per-segment pieces of q, k, v are cut by one
+small autograd Function (`_FanOut`) whose backward gathers all their gradients into one buffer. At S=2048 with
+half the positions in two images, fwd+bwd costs about what plain causal SDPA costs (benchmarks/attention.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from megafusion.model.attention.layout import AttentionLayout
 
 PLAN_KEY = "segmented_plan"
-TEXT_CHUNK = 256  # queries per SDPA call for a text run that has a prefix (see build_plan)
+TEXT_CHUNK = 256  # queries per chunk of a text run that has a prefix (see the module docstring)
 CAUSAL, FULL, PAD = "causal", "full", "pad"
 
 
