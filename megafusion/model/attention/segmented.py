@@ -184,11 +184,10 @@ def segmented_attention(
     gqa = nq != nkv
     # a text run after a prefix: two unmasked CPU flash calls instead of one masked SDPA (see _PrefixCausal)
     split = q.device.type == "cpu" and not gqa and dropout_p == 0.0
-    key_specs = lambda m: _key_specs(m, s, split)  # noqa: E731
 
     # every query / key / value piece of every segment, as views of q, k, v (see _FanOut for why)
     q_specs = [(m.row, m.start, m.end) for segments in plan.rows for m in segments]
-    kv_specs = list(dict.fromkeys(spec for _, members in plan.groups for m in members for spec in key_specs(m)))
+    kv_specs = list(dict.fromkeys(spec for _, group in plan.groups for m in group for spec in _key_specs(m, split)))
     owned = len(kv_specs)  # gradients of these pieces are SDPA's own fresh tensors (see _FanOut.backward)
     kv_specs += [(m.row, m.start, m.end) for m in plan.pads]  # distinct from the keys above: padding is no key
     q_pieces = dict(zip(q_specs, _FanOut.apply(q, q_specs, len(q_specs))))
@@ -198,24 +197,21 @@ def segmented_attention(
 
     for (kind, lq, lk), members in plan.groups:
         qs = [q_pieces[(m.row, m.start, m.end)] for m in members]
-        ks = _batched([[k_pieces[spec] for spec in key_specs(m)] for m in members])
-        vs = _batched([[v_pieces[spec] for spec in key_specs(m)] for m in members])
+        ks = _batched([[k_pieces[spec] for spec in _key_specs(m, split)] for m in members])
+        vs = _batched([[v_pieces[spec] for spec in _key_specs(m, split)] for m in members])
         qq = qs[0] if len(members) == 1 else torch.cat(qs)
         if len(ks) == 2:  # [prefix keys, own keys]
             out = _PrefixCausal.apply(qq, ks[0], vs[0], ks[1], vs[1], scale)
-            for m, piece in zip(members, out.split(1) if len(members) > 1 else [out]):
-                pieces[m.row][m.index] = piece
-            continue
-        kk, vv = ks[0], vs[0]
-        mask, causal = None, False
-        if kind == CAUSAL:
-            if lk == lq:
-                causal = True
-            else:
-                mask = plan.causal_mask(lq, lk, q.dtype, q.device)
-        out = F.scaled_dot_product_attention(
-            qq, kk, vv, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
-        )
+        else:
+            mask, causal = None, False
+            if kind == CAUSAL:
+                if lk == lq:
+                    causal = True
+                else:
+                    mask = plan.causal_mask(lq, lk, q.dtype, q.device)
+            out = F.scaled_dot_product_attention(
+                qq, ks[0], vs[0], attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
+            )
         for m, piece in zip(members, out.split(1) if len(members) > 1 else [out]):
             pieces[m.row][m.index] = piece
 
@@ -230,7 +226,7 @@ def segmented_attention(
 Spec = Tuple  # (row, start, end): positions [start, end) of one row; (row, index tensor): gathered positions
 
 
-def _key_specs(seg: Segment, s: int, split: bool) -> List[Spec]:
+def _key_specs(seg: Segment, split: bool) -> List[Spec]:
     """Where the keys (and values) of `seg` come from: a contiguous range of its row, else a gather; with `split`,
     a text run after a prefix gives [prefix, own keys] (its own keys are its query positions)."""
     if split and seg.kind == CAUSAL and seg.num_keys > seg.num_queries:
