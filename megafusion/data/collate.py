@@ -177,17 +177,21 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
 
     Equal to `collate` of the same rows laid out as TextParts and FrameParts. The batch's token streams are
     concatenated with one padding pseudo-token after each row; each token gets a repeat count (ppf for a FRAME,
-    1 for text, seq_length - used for the pseudo-token), so `np.repeat` of a per-token value yields the whole
-    [b, s] field at once. Latents are float32 (16-bit storage is widened exactly) and are patchified in two
-    passes: whole latent rows from the memory map into a rows-first buffer, then patches into the output.
+    1 for text, seq_length - used for the pseudo-token), so `repeat` of a per-token value yields a whole [b, s]
+    field at once; fields constant over a document segment repeat per-segment values instead. Latents are float32
+    (16-bit storage is widened exactly) and are patchified in two passes: whole latent rows from the memory map
+    into a rows-first buffer, then patches into the output. Few, large numpy calls: per-call overhead, not
+    arithmetic, is what this costs.
     """
     b, S = len(rows), seq_length
     if b == 0:
         raise ValueError("collate_packed: no rows")
-    frames = [f for row in rows for f in row.frames]
-    n_frames = sum(f.shape[0] for f in frames)
+    n_frames = 0
+    for row in rows:
+        for fr in row.frames:
+            n_frames += fr.shape[0]
     if n_frames:
-        _, c, h, w = frames[0].shape
+        _, c, h, w = next(fr for row in rows for fr in row.frames).shape
         if h % patch_size or w % patch_size:
             raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={patch_size}")
         ppf = (h // patch_size) * (w // patch_size)
@@ -197,63 +201,76 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
     else:
         ppf = 1
 
-    # the batch's token stream, a padding pseudo-token after each row; its segments, -1 for the pseudo-token
-    stream, seg_ids, seg_lens = [], [], []
-    for row in rows:
+    # the batch's token stream with a padding pseudo-token after each row, and its segments (Python, per row)
+    stream, pseudo, seg_ids, seg_first, seg_row = [], [], [], [], []
+    n = 0
+    for r, row in enumerate(rows):
         stream.append(row.tokens)
         stream.append(_PAD_TOKEN)
-        seg_ids.append(np.arange(len(row.segment_lengths) + 1, dtype=np.int64))
-        seg_lens += row.segment_lengths
-        seg_lens.append(1)
+        for k, length in enumerate(row.segment_lengths):
+            seg_ids.append(k)
+            seg_first.append(n)
+            seg_row.append(r)
+            n += length
+        if n - (pseudo[-1] + 1 if pseudo else 0) != len(row.tokens):
+            raise ValueError(f"row {r}: segment lengths sum to {n - (pseudo[-1] + 1 if pseudo else 0)}, but the "
+                             f"row holds {len(row.tokens)} tokens")
+        seg_ids.append(-1)
+        seg_first.append(n)
+        seg_row.append(r)
+        pseudo.append(n)
+        n += 1
     toks = np.concatenate(stream)
-    seg_id = np.concatenate(seg_ids)
-    seg_len = np.asarray(seg_lens, dtype=np.int64)
-    pseudo = np.cumsum([len(row.tokens) + 1 for row in rows]) - 1  # index of each row's pseudo-token
-    seg_pseudo = np.cumsum([len(row.segment_lengths) + 1 for row in rows]) - 1
-    seg_id[seg_pseudo] = -1
-
     is_frame = toks == frame_token
     is_frame[pseudo] = False
-    if int(np.count_nonzero(is_frame)) != n_frames:
-        raise ValueError(f"collate_packed: the rows hold {int(np.count_nonzero(is_frame))} FRAME tokens but "
-                         f"{n_frames} frames of latents")
-    count = np.where(is_frame, ppf, 1)
-    count[pseudo] = 0
-    ends = np.cumsum(count)[pseudo]
-    used = np.diff(ends, prepend=0)  # positions filled per row
-    if (used > S).any():
-        r = int(np.argmax(used > S))
-        raise ValueError(f"row {r} holds {int(used[r])} positions, more than seq_length={S}")
-    count[pseudo] = S - used
+    frame_at = is_frame.nonzero()[0]  # token index of every frame
+    if len(frame_at) != n_frames:
+        raise ValueError(f"collate_packed: the rows hold {len(frame_at)} FRAME tokens but {n_frames} frames of "
+                         f"latents")
+    row_frames = np.searchsorted(frame_at, pseudo).tolist()  # frames up to the end of each row (cumulative)
+    used = [pseudo[r] - (pseudo[r - 1] + 1 if r else 0) + (row_frames[r] - (row_frames[r - 1] if r else 0))
+            * (ppf - 1) for r in range(b)]  # positions filled per row
+    for r, u in enumerate(used):
+        if u > S:
+            raise ValueError(f"row {r} holds {u} positions, more than seq_length={S}")
+    count = is_frame * (ppf - 1)
+    count += 1
+    count[pseudo] = [S - u for u in used]
 
-    # per-token values, then one repeat per field
-    start = np.cumsum(count) - count  # flat position of each token's first position
-    seg_first = np.cumsum(seg_len) - seg_len  # token index of each segment's first token
-    seg_row = np.repeat(np.arange(b, dtype=np.int64), np.diff(seg_pseudo, prepend=-1))
-    seg_start = start[seg_first] - seg_row * S  # row-relative position where each segment starts
-    frame_index = np.cumsum(is_frame) - 1  # frames before each token, over the whole batch
-    row_frames = np.concatenate(([0], frame_index[pseudo[:-1]] + 1))  # frames before each row
-    block = np.where(is_frame, frame_index - np.repeat(row_frames, np.diff(pseudo, prepend=-1)), -1)
-    text = ~is_frame
-    text[pseudo] = False
-    doc = np.repeat(seg_id, seg_len)
-    lm = np.zeros(len(toks), dtype=np.float32)  # CE counts where this token and the next are text of one segment
-    lm[:-1] = text[:-1] & text[1:] & (doc[:-1] == doc[1:])
-
+    # per document segment: positions, id, start (padding pseudo-segments: id -1)
+    seg_pos = np.add.reduceat(count, seg_first)
+    seg_start = seg_pos.cumsum()
+    seg_start -= seg_pos
+    seg_start -= np.asarray(seg_row, dtype=np.int64) * S  # row-relative position of each segment's start
+    seg_id = np.asarray(seg_ids, dtype=np.int64)
     shape = (b, S)
-    tokens = np.repeat(np.where(text, toks, pad_id).astype(np.int64, copy=False), count).reshape(shape)
-    modality = np.repeat(np.where(is_frame, MODALITY_IMAGE, MODALITY_TEXT), count).reshape(shape)
-    block_ids = np.repeat(block, count).reshape(shape)
-    document_ids = np.repeat(doc, count).reshape(shape)
-    context_start = np.repeat(np.repeat(seg_start, seg_len), count).reshape(shape)
-    noised = np.repeat(is_frame, count).reshape(shape)
-    loss_mask = np.repeat(lm, count).reshape(shape)
+    document_ids = seg_id.repeat(seg_pos).reshape(shape)
+    context_start = seg_start.repeat(seg_pos).reshape(shape)
     positions = np.arange(S, dtype=np.int64)
-    for r, u in enumerate(used.tolist()):  # padding sees only itself
+    for r, u in enumerate(used):  # padding sees only itself
         context_start[r, u:] = positions[u:]
+
+    # per token
+    tok_vals = toks.astype(np.int64)
+    tok_vals[frame_at] = pad_id
+    tok_vals[pseudo] = pad_id
+    tokens = tok_vals.repeat(count).reshape(shape)
     labels = np.empty_like(tokens)
     labels[:, :-1] = tokens[:, 1:]
     labels[:, -1] = pad_id
+    noised = is_frame.repeat(count).reshape(shape)
+    modality = noised.astype(np.int64) if _IMAGE_IS_ONE else np.where(noised, MODALITY_IMAGE, MODALITY_TEXT)
+    block = np.full(n, -1, dtype=np.int64)
+    if n_frames:
+        frame_row = np.searchsorted(np.asarray(pseudo), frame_at)
+        block[frame_at] = np.arange(n_frames) - np.asarray([0] + row_frames[:-1], dtype=np.int64)[frame_row]
+    block_ids = block.repeat(count).reshape(shape)
+    # CE counts at text tokens whose next token is text of the same segment: not before a frame or a segment end
+    lm = np.subtract(1.0, is_frame, dtype=np.float32)
+    lm[frame_at - 1] = 0.0
+    seg_first[0] = n
+    lm[np.asarray(seg_first) - 1] = 0.0  # the last token of every segment, pseudo-tokens included
+    loss_mask = lm.repeat(count).reshape(shape)
 
     lat_np = np.empty((n_frames * ppf, patch_dim), dtype=np.float32)
     if n_frames:
@@ -264,8 +281,9 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
             for fr in row.frames:
                 if fr.dtype != np.float32:
                     fr = _widen(fr, row.latent_dtype)
-                np.copyto(rows_first[f: f + fr.shape[0]], _rows_first(fr, patch_size))
-                f += fr.shape[0]
+                k = fr.shape[0]
+                rows_first[f: f + k] = _rows_first(fr, patch_size)
+                f += k
         # step 2: patches into the output
         _patches_from_rows(rows_first, patch_size, out=lat_np.reshape(n_frames, ppf, patch_dim))
     lat = torch.from_numpy(lat_np)
@@ -284,6 +302,7 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
     )
 
 
+_IMAGE_IS_ONE = MODALITY_IMAGE == 1 and MODALITY_TEXT == 0  # modality is then the noised mask as int64
 _PAD_TOKEN = np.zeros(1, dtype=np.int32)  # the padding pseudo-token's id (never read: its value is pad_id)
 
 

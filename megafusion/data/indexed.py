@@ -24,10 +24,11 @@ back from its uint16 bits). The object pickles by path, so DataLoader workers re
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -221,6 +222,12 @@ class MultimodalDataset:
         self._tok_ptr = self._tokens.index.sequence_pointers  # [D] byte offset of each document's tokens
         self._lat_ptr = self._latents.index.sequence_pointers  # [frames] byte offset of each latent
         self._frame_numel = int(np.prod(self.latent_shape))
+        # whole-file flat views: a read is then one slice (megatron's read() costs a frombuffer call each)
+        self._tok_flat = _flat_view(self._path("tokens.bin"), np.int32)
+        self._lat_flat = _flat_view(self._path("latents.bin"), self._lat_np_dtype)
+        self._tok_start = (self._tok_ptr // 4).astype(np.int64)  # [D] first token of each document
+        self._lat_start = (self._lat_ptr // np.dtype(self._lat_np_dtype).itemsize).astype(np.int64)
+        self._frame_shape = tuple(self.latent_shape)
 
     def __getstate__(self):
         return {"folder": self.folder, "manifest": self.manifest, "frame_token": self.frame_token,
@@ -242,9 +249,9 @@ class MultimodalDataset:
 
     def tokens(self, doc: int, start: int = 0, end: Optional[int] = None) -> np.ndarray:
         """[end - start] int32 slice of document `doc`'s token stream (a read-only view of the memory map)."""
+        base = int(self._tok_start[doc])
         end = int(self.token_lengths[doc]) if end is None else end
-        return self._tokens.bin_reader.read(dtype=np.int32, count=end - start,
-                                            offset=int(self._tok_ptr[doc]) + 4 * start)
+        return self._tok_flat[base + start: base + end]
 
     def frames_raw(self, doc: int, first: int, count: int) -> np.ndarray:
         """[count, C, H, W] stored values (float32 or uint16 bit patterns) of frames first.. of `doc` (a view)."""
@@ -253,9 +260,8 @@ class MultimodalDataset:
                              f"asked for frames {first}..{first + count - 1}")
         if count == 0:
             return np.zeros((0,) + self.latent_shape, self._lat_np_dtype)
-        pointer = int(self._lat_ptr[int(self._latent_docs[doc]) + first])
-        flat = self._latents.bin_reader.read(dtype=self._lat_np_dtype, count=count * self._frame_numel, offset=pointer)
-        return flat.reshape((count,) + self.latent_shape)
+        a = int(self._lat_start[int(self._latent_docs[doc]) + first])
+        return self._lat_flat[a: a + count * self._frame_numel].reshape((count,) + self._frame_shape)
 
     def frames_f32(self, doc: int, first: int, count: int) -> np.ndarray:
         """[count, C, H, W] float32 latents (a new array); 16-bit storage is widened exactly."""
@@ -271,27 +277,36 @@ class MultimodalDataset:
             latents = torch.from_numpy(raw.view(np.int16)).view(self.latent_dtype)
         return Document(tokens=np.array(self.tokens(doc)), latents=latents)
 
-    def frame_positions(self, doc: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(positions of FRAME tokens in `doc`, whether each is directly preceded by BOI); checks the count."""
+    def frame_positions(self, doc: int) -> Tuple[List[int], List[bool]]:
+        """(positions of FRAME tokens in `doc`, whether each is directly preceded by BOI) as Python lists (the
+        planner walks them one by one); checks the count against latents.idx."""
         hit = self._frame_cache.get(doc)
         if hit is not None:
             return hit
         toks = self.tokens(doc)
-        pos = np.flatnonzero(toks == self.frame_token)
+        pos = (toks == self.frame_token).nonzero()[0]
         if len(pos) != self.frame_counts[doc]:
             raise DatasetFormatError(
                 f"{self.folder}: document {doc} has {len(pos)} FRAME tokens but {int(self.frame_counts[doc])} "
                 f"latent sequences in latents.idx; the token stream and the latents disagree"
             )
-        boi = np.zeros(len(pos), dtype=bool)
-        if len(pos):
-            prev = pos - 1
-            ok = prev >= 0
-            boi[ok] = toks[prev[ok]] == self.boi_token
+        boi = (toks[pos - 1] == self.boi_token).tolist()  # pos - 1 = -1 (a FRAME first) is fixed below
+        pos = pos.tolist()
+        if pos and pos[0] == 0:
+            boi[0] = False
         if len(self._frame_cache) > 65536:
             self._frame_cache.clear()
         self._frame_cache[doc] = (pos, boi)
         return pos, boi
+
+
+def _flat_view(path: str, dtype) -> np.ndarray:
+    """The whole file as a read-only 1-D array (memory-mapped; empty files give an empty array)."""
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, dtype=dtype)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=dtype)
 
 
 def to_float32(raw: np.ndarray, stored: torch.dtype) -> np.ndarray:

@@ -78,7 +78,7 @@ class RowPlanner:
             room = S - self.fill
             end, cost, k, full = pos, 0, j, False
             while True:
-                nxt = int(frames[k]) if k < nf else n  # the next frame token (or the document end)
+                nxt = frames[k] if k < nf else n  # the next frame token (or the document end)
                 if cost + (nxt - end) >= room:  # text fills the row
                     end += room - cost
                     cost, full = room, True
