@@ -26,6 +26,7 @@ data; `valid_iter.reset()` restarts it so each evaluation can see the same batch
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -110,79 +111,103 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         return collate_packed(rows, self.seq_length, self.patch_size, self.patch_dim, self.frame_token)
 
     def max_batch_bytes(self, micro_batch_size: int) -> int:
-        """Bytes of the largest possible Batch (every position a latent one), fields 8-byte aligned."""
+        """Bytes of the largest possible Batch (every position a latent one), fields 8-byte aligned; noisy_latents
+        is latents until noised and is not stored again."""
         n = micro_batch_size * self.seq_length
-        per_field = [8 * n] * 6 + [4 * n, n, 4 * n * self.patch_dim, 4 * n * self.patch_dim, 4 * n]
+        per_field = [8 * n] * 6 + [4 * n, n, 4 * n * self.patch_dim, 4 * n]
         return sum(-(-size // 8) * 8 for size in per_field)
 
 
 class BatchRing:
-    """Shared-memory slots that workers write finished batches into; the main process copies each batch out.
+    """Shared-memory slots that workers write finished batches into; the caller gets the batch's fields as views of
+    its slot, and the slot is written again only after every one of those tensors is gone.
 
     Handing a worker's batch over as fresh shared tensors costs the main process a file descriptor per storage,
-    a new mapping and a page fault per 4 KiB on first touch: more than building the batch. The ring is mapped
-    once; task `seq` writes slot seq % slots and only a small field table travels through the queue. A slot is
-    rewritten only by task seq + slots, which DataLoader dispatches after task seq has been handed back (it keeps
-    at most prefetch_factor * num_workers tasks in flight), and the main process copies the batch out first.
+    a new mapping and a page fault per 4 KiB on first touch: more than building the batch; copying it out of a
+    reused slot costs a pass over all its bytes. The ring is mapped once; the plan sampler leases a free slot when
+    it dispatches a task (`acquire`), the worker writes the batch there and only a small field table travels back.
+    `lease` wraps the slot as the Batch's tensors; a finalizer on their common base returns the slot to the free
+    list when the caller drops the last of them. With no slot free (the caller holds many batches) a task gets slot
+    -1 and its batch travels the ordinary DataLoader way. A tensor that stands for two fields (noisy_latents =
+    latents, see collate.py) is written once and aliased again on read.
     """
 
     def __init__(self, slots: int, slot_bytes: int):
         self.slots, self.slot_bytes = slots, slot_bytes
         self.buffer = torch.empty(slots * slot_bytes, dtype=torch.uint8).share_memory_()
+        self._free = list(range(slots - 1, -1, -1))  # main process only
 
-    def write(self, seq: int, batch: Batch):
+    def acquire(self) -> int:
+        """A free slot for the next task, or -1 when every slot is leased or in flight."""
+        return self._free.pop() if self._free else -1
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def write(self, slot: int, batch: Batch):
         flat = self.buffer.numpy()
-        base = (seq % self.slots) * self.slot_bytes
-        meta, offset = [], 0
+        base = slot * self.slot_bytes
+        meta, offset, shipped = [], 0, {}
         for f in dataclasses.fields(Batch):
             value = getattr(batch, f.name)
             if value is None:
+                continue
+            if id(value) in shipped:  # the same tensor under two names (noisy_latents = latents): ship it once
+                meta.append((f.name, shipped[id(value)], None, None))
                 continue
             src = value.numpy().reshape(-1).view(np.uint8)
             if offset + src.size > self.slot_bytes:
                 raise RuntimeError(f"batch of {offset + src.size}+ bytes exceeds the ring slot of {self.slot_bytes}")
             flat[base + offset: base + offset + src.size] = src
             meta.append((f.name, value.numpy().dtype.str, tuple(value.shape), offset))
+            shipped[id(value)] = f.name
             offset += -(-src.size // 8) * 8
-        return _RingRef(seq, meta)
+        return _RingRef(slot, meta, offset)
 
-    def read(self, ref: "_RingRef") -> Batch:
-        flat = self.buffer.numpy()
-        base = (ref.seq % self.slots) * self.slot_bytes
+    def lease(self, ref: "_RingRef") -> Batch:
+        """The batch in slot ref.slot as views of the slot; the slot is freed once they are all dropped."""
+        base = ref.slot * self.slot_bytes
+        # frombuffer of a fresh memoryview: the fields' numpy base is this array, so its finalizer fires exactly
+        # when the last field tensor (torch.from_numpy keeps its array alive) is gone
+        data = np.frombuffer(memoryview(self.buffer.numpy())[base: base + max(ref.nbytes, 1)], dtype=np.uint8)
         fields = {}
         for name, dtype, shape, offset in ref.meta:
+            if shape is None:  # an alias of an earlier field
+                fields[name] = fields[dtype]
+                continue
             dt = np.dtype(dtype)
             count = int(np.prod(shape, dtype=np.int64))
-            view = flat[base + offset: base + offset + count * dt.itemsize].view(dt).reshape(shape)
-            fields[name] = torch.from_numpy(view.copy())
+            fields[name] = torch.from_numpy(data[offset: offset + count * dt.itemsize].view(dt).reshape(shape))
+        weakref.finalize(data, self._release, ref.slot)
         return Batch(**fields)
 
 
 class _RingRef:
-    def __init__(self, seq: int, meta):
-        self.seq, self.meta = seq, meta
+    def __init__(self, slot: int, meta, nbytes: int):
+        self.slot, self.meta, self.nbytes = slot, meta, nbytes
 
 
 class _RingDataset(torch.utils.data.Dataset):
-    """Worker side of the ring: key (seq, plans) -> batch written into slot seq % slots."""
+    """Worker side of the ring: key (slot, plans) -> batch written into that slot (slot -1: the batch itself)."""
 
     def __init__(self, dataset: MicroBatchDataset, ring: BatchRing):
         self.dataset, self.ring = dataset, ring
 
     def __getitem__(self, key):
-        seq, plans = key
-        return self.ring.write(seq, self.dataset[plans])
+        slot, plans = key
+        batch = self.dataset[plans]
+        return batch if slot < 0 else self.ring.write(slot, batch)
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """Endless micro-batch plans of one DP rank, starting after consumed_samples."""
+    """Endless micro-batch plans of one DP rank, starting after consumed_samples; leases ring slots if given."""
 
-    def __init__(self, source, sampler: MicroBatchSampler):
-        self.source, self.sampler = source, sampler
+    def __init__(self, source, sampler: MicroBatchSampler, ring: Optional[BatchRing] = None):
+        self.source, self.sampler, self.ring = source, sampler, ring
 
     def __iter__(self):
-        for seq, indices in enumerate(self.sampler):
-            yield seq, [self.source.plan(i) for i in indices]
+        for indices in self.sampler:
+            yield (self.ring.acquire() if self.ring is not None else -1), [self.source.plan(i) for i in indices]
 
 
 def _identity(x):
@@ -203,11 +228,14 @@ class DataIterator:
         sampler = MicroBatchSampler(self.micro_batch_size, self.dp_rank, self.dp_size, consumed_samples)
         self.consumed_samples = consumed_samples
         self._step = sampler.samples_per_micro_step
-        plans = _PlanSampler(self.source, sampler)
         self._ring = None
         if self.num_workers > 0:
             prefetch = 4
-            self._ring = BatchRing(prefetch * self.num_workers + 2, self.dataset.max_batch_bytes(self.micro_batch_size))
+            # slots for the tasks in flight plus batches the caller still holds (more fall back to plain transfer)
+            self._ring = BatchRing(prefetch * self.num_workers + 12,
+                                   self.dataset.max_batch_bytes(self.micro_batch_size))
+        plans = _PlanSampler(self.source, sampler, self._ring)
+        if self.num_workers > 0:
             loader = torch.utils.data.DataLoader(_RingDataset(self.dataset, self._ring), batch_size=None,
                                                  sampler=plans, num_workers=self.num_workers, collate_fn=_identity,
                                                  prefetch_factor=prefetch, persistent_workers=False)
@@ -221,7 +249,7 @@ class DataIterator:
     def __next__(self) -> Batch:
         batch = next(self._it)
         if isinstance(batch, _RingRef):
-            batch = self._ring.read(batch)
+            batch = self._ring.lease(batch)
         self.consumed_samples += self._step
         return batch
 
