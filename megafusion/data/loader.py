@@ -26,6 +26,7 @@ data; `valid_iter.reset()` restarts it so each evaluation can see the same batch
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -176,8 +177,7 @@ class BatchRing:
                 fields[name] = fields[dtype]
                 continue
             dt = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            fields[name] = torch.from_numpy(data[offset: offset + count * dt.itemsize].view(dt).reshape(shape))
+            fields[name] = torch.from_numpy(data[offset: offset + math.prod(shape) * dt.itemsize].view(dt).reshape(shape))
         weakref.finalize(data, self._release, ref.slot)
         return Batch(**fields)
 
