@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -173,7 +173,8 @@ class PackedRow:
 
 
 def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, patch_dim: int, frame_token: int,
-                   pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
+                   pad_id: int = SPECIAL_TOKENS.pad,
+                   latent_out: Optional[Callable[[int, int], np.ndarray]] = None) -> Batch:
     """Build a Batch of len(rows) sequences of seq_length positions; every frame is noised (dataset frames).
 
     Equal to `collate` of the same rows laid out as TextParts and FrameParts. The batch's token streams are
@@ -181,8 +182,9 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
     1 for text, seq_length - used for the pseudo-token), so `repeat` of a per-token value yields a whole [b, s]
     field at once; fields constant over a document segment repeat per-segment values instead. Latents are float32
     (16-bit storage is widened exactly) and are patchified in two passes: whole latent rows from the memory map
-    into a rows-first buffer, then patches into the output. Few, large numpy calls: per-call overhead, not
-    arithmetic, is what this costs.
+    into a rows-first buffer, then patches into the output: `latent_out(rows, patch_dim)` when given (a float32
+    array to fill, e.g. a loader worker's shared-memory slot), else a new array. Few, large numpy calls:
+    per-call overhead, not arithmetic, is what this costs.
     """
     b, S = len(rows), seq_length
     if b == 0:
@@ -273,7 +275,10 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
     lm[np.asarray(seg_first) - 1] = 0.0  # the last token of every segment, pseudo-tokens included
     loss_mask = lm.repeat(count).reshape(shape)
 
-    lat_np = np.empty((n_frames * ppf, patch_dim), dtype=np.float32)
+    if latent_out is not None:
+        lat_np = latent_out(n_frames * ppf, patch_dim)
+    else:
+        lat_np = np.empty((n_frames * ppf, patch_dim), dtype=np.float32)
     if n_frames:
         # step 1: every frame straight from the memory map into patchify's rows-first layout (whole latent rows)
         rows_first = _skewed_empty((n_frames, h // patch_size, c, patch_size, w), np.float32)

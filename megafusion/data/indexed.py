@@ -283,7 +283,8 @@ class MultimodalDataset:
         hit = self._frame_cache.get(doc)
         if hit is not None:
             return hit
-        toks = self.tokens(doc)
+        a = int(self._tok_start[doc])
+        toks = self._tok_flat[a: a + int(self.token_lengths[doc])]
         pos = (toks == self.frame_token).nonzero()[0]
         if len(pos) != self.frame_counts[doc]:
             raise DatasetFormatError(

@@ -106,10 +106,15 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         return SyntheticDocuments(s.spec, seed=seed).row()
 
     def __getitem__(self, plans) -> Batch:
+        return self.build(plans)
+
+    def build(self, plans, latent_out=None) -> Batch:
+        """The Batch of these row plans; `latent_out(rows, patch_dim)` gives the array latents are written into."""
         if self.synthetic is not None:
             return collate([self.synthetic_row(p) for p in plans], self.seq_length, self.patch_dim)
         rows = [read_row(self.datasets[k], segments) for k, segments in plans]
-        return collate_packed(rows, self.seq_length, self.patch_size, self.patch_dim, self.frame_token)
+        return collate_packed(rows, self.seq_length, self.patch_size, self.patch_dim, self.frame_token,
+                              latent_out=latent_out)
 
     def max_batch_bytes(self, micro_batch_size: int) -> int:
         """Bytes of the largest possible Batch (every position a latent one), fields 8-byte aligned; noisy_latents
@@ -145,24 +150,49 @@ class BatchRing:
     def _release(self, slot: int) -> None:
         self._free.append(slot)
 
+    def array(self, slot: int, shape, dtype) -> np.ndarray:
+        """A writable array at the start of `slot` (worker side), e.g. for latents to be patchified into; `write`
+        then finds the field already in place and does not copy it."""
+        dt = np.dtype(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        if nbytes > self.slot_bytes:
+            raise RuntimeError(f"{nbytes} bytes exceed the ring slot of {self.slot_bytes}")
+        base = slot * self.slot_bytes
+        return self.buffer.numpy()[base: base + nbytes].view(dt).reshape(shape)
+
     def write(self, slot: int, batch: Batch):
         flat = self.buffer.numpy()
         base = slot * self.slot_bytes
-        meta, offset, shipped = [], 0, {}
-        for f in dataclasses.fields(Batch):
-            value = getattr(batch, f.name)
+        start = flat.ctypes.data + base
+        values = [(f.name, getattr(batch, f.name)) for f in dataclasses.fields(Batch)]
+        in_place = {}  # fields built in the slot already (`array`): name -> offset
+        offset = 0
+        for name, value in values:
+            if value is not None and value.numel():
+                at = value.data_ptr() - start
+                if 0 <= at and at + value.numel() * value.element_size() <= self.slot_bytes:
+                    in_place[name] = at
+                    offset = max(offset, -(-(at + value.numel() * value.element_size()) // 8) * 8)
+        meta, shipped = [], {}
+        for name, value in values:
             if value is None:
                 continue
             if id(value) in shipped:  # the same tensor under two names (noisy_latents = latents): ship it once
-                meta.append((f.name, shipped[id(value)], None, None))
+                meta.append((name, shipped[id(value)], None, None))
                 continue
-            src = value.numpy().reshape(-1).view(np.uint8)
-            if offset + src.size > self.slot_bytes:
-                raise RuntimeError(f"batch of {offset + src.size}+ bytes exceeds the ring slot of {self.slot_bytes}")
-            flat[base + offset: base + offset + src.size] = src
-            meta.append((f.name, value.numpy().dtype.str, tuple(value.shape), offset))
-            shipped[id(value)] = f.name
-            offset += -(-src.size // 8) * 8
+            arr = value.numpy()
+            if name in in_place:
+                at = in_place[name]
+            else:
+                src = arr.reshape(-1).view(np.uint8)
+                if offset + src.size > self.slot_bytes:
+                    raise RuntimeError(f"batch of {offset + src.size}+ bytes exceeds the ring slot of "
+                                       f"{self.slot_bytes}")
+                flat[base + offset: base + offset + src.size] = src
+                at = offset
+                offset += -(-src.size // 8) * 8
+            meta.append((name, arr.dtype.str, tuple(value.shape), at))
+            shipped[id(value)] = name
         return _RingRef(slot, meta, offset)
 
     def lease(self, ref: "_RingRef") -> Batch:
@@ -195,8 +225,10 @@ class _RingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         slot, plans = key
-        batch = self.dataset[plans]
-        return batch if slot < 0 else self.ring.write(slot, batch)
+        if slot < 0:
+            return self.dataset[plans]
+        batch = self.dataset.build(plans, latent_out=lambda n, d: self.ring.array(slot, (n, d), np.float32))
+        return self.ring.write(slot, batch)
 
 
 class _PlanSampler(torch.utils.data.Sampler):
