@@ -21,6 +21,7 @@ Packing is split in two so the expensive half can run in loader workers:
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import List
 
 import numpy as np
@@ -118,20 +119,36 @@ class RowPlanner:
 
 
 def read_row(dataset: MultimodalDataset, plan: np.ndarray) -> PackedRow:
-    """Read one planned row: its token stream (segments back to back) and its frames as memory-map views."""
-    frame_token = dataset.frame_token
-    tokens, lengths, frames = [], [], []
-    for doc, start, end, first in plan.tolist():
-        toks = dataset.tokens(doc, start, end)
-        tokens.append(toks)
+    """Read one planned row: its token stream (segments back to back) and its frames as memory-map views.
+
+    Slices of the dataset's flat memory-map views (no per-segment read calls); the FRAME count of every segment,
+    which says how many latents it takes from `first_frame` on, comes from one reduceat over the row.
+    """
+    segments = plan.tolist()
+    tok_flat, tok_start = dataset._tok_flat, dataset._tok_start
+    pieces, lengths = [], []
+    for doc, start, end, _ in segments:
+        a = int(tok_start[doc])
+        pieces.append(tok_flat[a + start: a + end])
         lengths.append(end - start)
-        n = int(np.count_nonzero(toks == frame_token))
-        if n:
-            if first + n > dataset.frame_counts[doc]:  # planned as text: its FRAMEs have no latents
-                dataset.frame_positions(doc)  # raises DatasetFormatError naming the document
-            frames.append(dataset.frames_raw(doc, first, n))
-    stream = tokens[0] if len(tokens) == 1 else np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
-    return PackedRow(stream, lengths, frames, dataset.latent_dtype)
+    tokens = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    frames = []
+    is_frame = tokens == dataset.frame_token
+    if is_frame.any():
+        if len(lengths) > 1:
+            counts = np.add.reduceat(is_frame, np.fromiter(accumulate(lengths[:-1], initial=0), np.int64,
+                                                           len(lengths))).tolist()
+        else:
+            counts = [int(is_frame.sum())]
+        lat_flat, lat_start, lat_docs = dataset._lat_flat, dataset._lat_start, dataset._latent_docs
+        numel, shape = dataset._frame_numel, dataset._frame_shape
+        for (doc, _, _, first), n in zip(segments, counts):
+            if n:
+                if first + n > dataset.frame_counts[doc]:  # planned as text: its FRAMEs have no latents
+                    dataset.frame_positions(doc)  # raises DatasetFormatError naming the document
+                a = int(lat_start[int(lat_docs[doc]) + first])
+                frames.append(lat_flat[a: a + n * numel].reshape((n,) + shape))
+    return PackedRow(tokens, lengths, frames, dataset.latent_dtype)
 
 
 def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) -> SequenceLayout:
