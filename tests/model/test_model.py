@@ -136,7 +136,9 @@ def test_text_only_logits_equal_megatron_gpt_model():
     assert not missing, f"GPTModel parameters without a megafusion counterpart: {missing}"
     gpt.load_state_dict({k: ours[k] for k in gpt.state_dict()})
 
-    batch = text_batch()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # megatron's RoPE follows CUDA if present
+    model, gpt = model.to(device), gpt.to(device)
+    batch = text_batch().to(device)
     with torch.no_grad(), cpu_compat():
         reference = gpt(input_ids=batch.tokens, position_ids=None, attention_mask=None)  # [b, s, V]
     with torch.no_grad():
@@ -328,7 +330,8 @@ def test_bf16_training_step_on_gpu(impl):
     if impl == "transformer_engine" and not transformer_engine_available():
         pytest.skip("transformer-engine is not installed")
     tensor_parallel.model_parallel_cuda_manual_seed(0)  # GPU weight init draws from megatron's CUDA RNG tracker
-    model = MultimodalModel(make_config(precision="bf16", cpu_init=False, transformer_impl=impl))
+    # megatron builds norms on the CPU and expects the caller to move the model (Megatron-LM's get_model does)
+    model = MultimodalModel(make_config(precision="bf16", cpu_init=False, transformer_impl=impl)).cuda()
     assert next(model.parameters()).device.type == "cuda"
     batch = mixed_batch(model.config).to("cuda")
     out = model(batch)
