@@ -224,13 +224,14 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
         pseudo.append(n)
         n += 1
     toks = np.concatenate(stream)
+    pseudo_at = np.array(pseudo)
     is_frame = toks == frame_token
-    is_frame[pseudo] = False
+    is_frame[pseudo_at] = False
     frame_at = is_frame.nonzero()[0]  # token index of every frame
     if len(frame_at) != n_frames:
         raise ValueError(f"collate_packed: the rows hold {len(frame_at)} FRAME tokens but {n_frames} frames of "
                          f"latents")
-    row_frames = np.searchsorted(frame_at, pseudo).tolist()  # frames up to the end of each row (cumulative)
+    row_frames = frame_at.searchsorted(pseudo_at).tolist()  # frames up to the end of each row (cumulative)
     used = [pseudo[r] - (pseudo[r - 1] + 1 if r else 0) + (row_frames[r] - (row_frames[r - 1] if r else 0))
             * (ppf - 1) for r in range(b)]  # positions filled per row
     for r, u in enumerate(used):
@@ -238,7 +239,7 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
             raise ValueError(f"row {r} holds {u} positions, more than seq_length={S}")
     count = is_frame * (ppf - 1)
     count += 1
-    count[pseudo] = [S - u for u in used]
+    count[pseudo_at] = [S - u for u in used]
 
     # per document segment: positions, id, start (padding pseudo-segments: id -1)
     seg_pos = np.add.reduceat(count, seg_first)
@@ -256,23 +257,25 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
     # per token
     tok_vals = toks.astype(np.int64)
     tok_vals[frame_at] = pad_id
-    tok_vals[pseudo] = pad_id
+    tok_vals[pseudo_at] = pad_id
     tokens = tok_vals.repeat(count).reshape(shape)
     labels = _skewed_empty(shape, np.int64)
     labels[:, :-1] = tokens[:, 1:]
     labels[:, -1] = pad_id
-    noised = is_frame.repeat(count).reshape(shape)
-    modality = noised.astype(np.int64) if _IMAGE_IS_ONE else np.where(noised, MODALITY_IMAGE, MODALITY_TEXT)
     block = np.full(n, -1, dtype=np.int64)
     if n_frames:
-        frame_row = np.searchsorted(np.asarray(pseudo), frame_at)
-        block[frame_at] = np.arange(n_frames) - np.asarray([0] + row_frames[:-1], dtype=np.int64)[frame_row]
+        frame_row = pseudo_at.searchsorted(frame_at)
+        block[frame_at] = np.arange(n_frames) - np.array([0] + row_frames[:-1])[frame_row]
     block_ids = block.repeat(count).reshape(shape)
+    noised = block_ids >= 0  # dataset frames are all noised
+    modality = noised.astype(np.int64) if _IMAGE_IS_ONE else np.where(noised, MODALITY_IMAGE, MODALITY_TEXT)
     # CE counts at text tokens whose next token is text of the same segment: not before a frame or a segment end
     lm = np.subtract(1.0, is_frame, dtype=np.float32)
     lm[frame_at - 1] = 0.0
     seg_first[0] = n
-    lm[np.asarray(seg_first) - 1] = 0.0  # the last token of every segment, pseudo-tokens included
+    seg_last = np.array(seg_first)
+    seg_last -= 1
+    lm[seg_last] = 0.0  # the last token of every segment, pseudo-tokens included
     loss_mask = lm.repeat(count).reshape(shape)
 
     if latent_out is not None:
