@@ -25,6 +25,7 @@ data; `valid_iter.reset()` restarts it so each evaluation can see the same batch
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import weakref
@@ -43,6 +44,7 @@ from megafusion.data.sampler import MicroBatchSampler, PackedRowStream, split_do
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 
 TRAIN, VALID = 0, 1
+TASK_MICRO_BATCHES = 2  # micro-batches per worker task: halves the DataLoader round trips per batch
 
 
 # ---------------------------------------------------------------------- sources (main process: plans)
@@ -218,28 +220,37 @@ class _RingRef:
 
 
 class _RingDataset(torch.utils.data.Dataset):
-    """Worker side of the ring: key (slot, plans) -> batch written into that slot (slot -1: the batch itself)."""
+    """Worker side of the ring: a task is a list of (slot, plans), one per micro-batch; each batch is written into
+    its slot (slot -1: the batch itself travels back)."""
 
     def __init__(self, dataset: MicroBatchDataset, ring: BatchRing):
         self.dataset, self.ring = dataset, ring
 
-    def __getitem__(self, key):
-        slot, plans = key
+    def one(self, slot: int, plans):
         if slot < 0:
             return self.dataset[plans]
         batch = self.dataset.build(plans, latent_out=lambda n, d: self.ring.array(slot, (n, d), np.float32))
         return self.ring.write(slot, batch)
 
+    def __getitem__(self, task):
+        return [self.one(slot, plans) for slot, plans in task]
+
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """Endless micro-batch plans of one DP rank, starting after consumed_samples; leases ring slots if given."""
+    """Endless micro-batch plans of one DP rank, starting after consumed_samples, in tasks of `group` consecutive
+    micro-batches (fewer DataLoader round trips per batch); leases ring slots if given."""
 
-    def __init__(self, source, sampler: MicroBatchSampler, ring: Optional[BatchRing] = None):
-        self.source, self.sampler, self.ring = source, sampler, ring
+    def __init__(self, source, sampler: MicroBatchSampler, ring: Optional[BatchRing] = None, group: int = 1):
+        self.source, self.sampler, self.ring, self.group = source, sampler, ring, group
 
     def __iter__(self):
+        task = []
         for indices in self.sampler:
-            yield (self.ring.acquire() if self.ring is not None else -1), [self.source.plan(i) for i in indices]
+            task.append(((self.ring.acquire() if self.ring is not None else -1),
+                         [self.source.plan(i) for i in indices]))
+            if len(task) == self.group:
+                yield task
+                task = []
 
 
 def _identity(x):
@@ -261,27 +272,32 @@ class DataIterator:
         self.consumed_samples = consumed_samples
         self._step = sampler.samples_per_micro_step
         self._ring = None
+        self._pending: collections.deque = collections.deque()
         if self.num_workers > 0:
-            prefetch = 4
-            # slots for the tasks in flight plus batches the caller still holds (more fall back to plain transfer)
-            self._ring = BatchRing(prefetch * self.num_workers + 12,
+            prefetch, group = 2, TASK_MICRO_BATCHES
+            # slots for the batches in flight plus those the caller still holds (more fall back to plain transfer)
+            self._ring = BatchRing(prefetch * self.num_workers * group + 12,
                                    self.dataset.max_batch_bytes(self.micro_batch_size))
-        plans = _PlanSampler(self.source, sampler, self._ring)
-        if self.num_workers > 0:
+            tasks = _PlanSampler(self.source, sampler, self._ring, group)
             loader = torch.utils.data.DataLoader(_RingDataset(self.dataset, self._ring), batch_size=None,
-                                                 sampler=plans, num_workers=self.num_workers, collate_fn=_identity,
+                                                 sampler=tasks, num_workers=self.num_workers, collate_fn=_identity,
                                                  prefetch_factor=prefetch, persistent_workers=False)
             self._it: Iterator = iter(loader)
         else:
-            self._it = (self.dataset[p] for _, p in plans)
+            self._it = (self.dataset[p] for (_, p), in _PlanSampler(self.source, sampler))
 
     def __iter__(self) -> "DataIterator":
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self._it)
-        if isinstance(batch, _RingRef):
-            batch = self._ring.lease(batch)
+        if self.num_workers > 0:
+            if not self._pending:
+                self._pending.extend(next(self._it))
+            batch = self._pending.popleft()
+            if isinstance(batch, _RingRef):
+                batch = self._ring.lease(batch)
+        else:
+            batch = next(self._it)
         self.consumed_samples += self._step
         return batch
 
@@ -291,6 +307,7 @@ class DataIterator:
         self._start(consumed_samples)
 
     def close(self) -> None:
+        self._pending = collections.deque()
         it = getattr(self, "_it", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
