@@ -12,8 +12,9 @@ in rounds of --batches micro-batches, side by side so load spikes of a shared ma
 Ratios (median over rounds): ratio_workersN (wall clock, N = 0 in-process), ratio_cpu_time_workers0 (CPU time
 of the process, less sensitive to other load), ratio_main_process_cpu_workersN (what the training process itself
 pays per batch when workers build it) and ratio_bound_read_plus_output_write (memmap read / (read + one write of
-the delivered Batch's bytes): the best any loader could do, since a Batch holds int64 metadata per position and
-latents twice). The last line is JSON: {"name": "loader", "ratio": <ratio_workers{--workers}>, "target": 0.5, ...}.
+the delivered Batch's bytes): the best any loader could do, since a Batch holds int64 metadata per position; a
+tensor standing for two fields, like latents = noisy_latents, counts once). The last line is JSON:
+{"name": "loader", "ratio": <ratio_workers{--workers}>, "target": 0.5, ...}.
 """
 
 from __future__ import annotations
@@ -86,16 +87,18 @@ def loader_rounds(cfg, rounds, per_round, warmup=3):
 
 
 def time_output_write(batches):
-    """Seconds to allocate and write Batch-sized output (every field of the delivered batches copied once): the
-    memory traffic any loader pays on top of reading, since a Batch holds int64 metadata per position and
-    latents twice (latents, noisy_latents)."""
+    """Seconds to allocate and write Batch-sized output (every distinct tensor of the delivered batches copied
+    once): the memory traffic any loader pays on top of reading, since a Batch holds int64 metadata per position
+    (latents and noisy_latents are one tensor in a loader Batch, so they count once)."""
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for b in batches:
+            seen = set()
             for f in dataclasses.fields(b):
                 v = getattr(b, f.name)
-                if v is not None:
+                if v is not None and id(v) not in seen:
+                    seen.add(id(v))
                     np.copyto(np.empty(v.shape, v.numpy().dtype), v.numpy())
         best = min(best, time.perf_counter() - t0)
     return best

@@ -11,10 +11,13 @@ global sample i of split s is `SyntheticDocuments(seed=(data.seed, s, i)).row()`
 and DP-shardable by the same sample indices.
 
 Work split: the main process plans (which documents and token ranges form each row: metadata only, cheap);
-`data.num_workers` background processes (torch DataLoader over `MicroBatchDataset`, indexed by the micro-batch
-plan) read tokens and latents, patchify and collate, so reading long inputs overlaps the training step; finished
-batches come back through a shared-memory ring (`BatchRing`). With num_workers = 0 the same code runs in-process
-and yields identical batches.
+`data.num_workers` background processes (torch DataLoader over `MicroBatchDataset`, tasks of TASK_MICRO_BATCHES
+micro-batch plans) read tokens and latents, patchify and collate (packing.read_row + collate.collate_packed), so
+reading long inputs overlaps the training step; finished batches are written into a shared-memory ring
+(`BatchRing`) whose slots are leased to the caller: a Batch from a worker is a set of views of its slot, which is
+reused once the caller has dropped it. With num_workers = 0 the same code runs in-process and yields identical
+batches. In every Batch the loader hands out, noisy_latents is the latents tensor itself (see collate.py): do not
+write either in place; megafusion.objectives.flow_matching.noise_batch returns fresh tensors.
 
 `consumed_samples` counts global samples (all DP ranks) handed to the caller, not those prefetched; it is what a
 checkpoint stores. `state_dict()` also carries planner snapshots of each packed stream at that point; passing it
