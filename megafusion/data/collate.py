@@ -211,6 +211,8 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
         stream.append(row.tokens)
         stream.append(_PAD_TOKEN)
         for k, length in enumerate(row.segment_lengths):
+            if length <= 0:
+                raise ValueError(f"row {r}: document segment {k} is empty; a row plan holds non-empty segments")
             seg_ids.append(k)
             seg_first.append(n)
             seg_row.append(r)
