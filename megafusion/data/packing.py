@@ -46,6 +46,7 @@ class RowPlanner:
         self.dataset = dataset
         self.seq_length = seq_length
         self.ppf = patches_per_frame
+        self.positions = dataset.positions(patches_per_frame)  # [D] positions of each whole document
         self.rows: List[np.ndarray] = []  # completed row plans, [n_segments, 4] int64 each
         self.fill = 0  # positions used in the open row
         self._segments: List[tuple] = []
@@ -71,6 +72,12 @@ class RowPlanner:
                 pos += take
                 if self.fill == S:
                     self._close()
+            return
+        total = int(self.positions[doc])
+        if total <= S - self.fill:  # the whole document fits: one segment, exactly what the walk below gives
+            self._put(doc, 0, n, 0, total)  # (read_row checks its FRAME count against latents.idx)
+            if self.fill == S:
+                self._close()
             return
         frames, boi = self.dataset.frame_positions(doc)  # validates the FRAME count
         nf = len(frames)
@@ -125,7 +132,8 @@ def read_row(dataset: MultimodalDataset, plan: np.ndarray) -> PackedRow:
     which says how many latents it takes from `first_frame` on, comes from one reduceat over the row.
     """
     segments = plan.tolist()
-    tok_flat, tok_start = dataset._tok_flat, dataset._tok_start
+    tok_flat, tok_start, tok_len, frame_counts = dataset._tok_flat, dataset._tok_start, dataset.token_lengths, \
+        dataset.frame_counts
     pieces, lengths = [], []
     for doc, start, end, _ in segments:
         a = int(tok_start[doc])
@@ -134,20 +142,23 @@ def read_row(dataset: MultimodalDataset, plan: np.ndarray) -> PackedRow:
     tokens = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     frames = []
     is_frame = tokens == dataset.frame_token
-    if is_frame.any():
-        if len(lengths) > 1:
-            counts = np.add.reduceat(is_frame, np.fromiter(accumulate(lengths[:-1], initial=0), np.int64,
-                                                           len(lengths))).tolist()
-        else:
-            counts = [int(is_frame.sum())]
-        lat_flat, lat_start, lat_docs = dataset._lat_flat, dataset._lat_start, dataset._latent_docs
-        numel, shape = dataset._frame_numel, dataset._frame_shape
-        for (doc, _, _, first), n in zip(segments, counts):
-            if n:
-                if first + n > dataset.frame_counts[doc]:  # planned as text: its FRAMEs have no latents
-                    dataset.frame_positions(doc)  # raises DatasetFormatError naming the document
-                a = int(lat_start[int(lat_docs[doc]) + first])
-                frames.append(lat_flat[a: a + n * numel].reshape((n,) + shape))
+    if not is_frame.any():
+        counts = [0] * len(lengths)
+    elif len(lengths) > 1:
+        counts = np.add.reduceat(is_frame, np.fromiter(accumulate(lengths[:-1], initial=0), np.int64,
+                                                       len(lengths))).tolist()
+    else:
+        counts = [int(is_frame.sum())]
+    lat_flat, lat_start, lat_docs = dataset._lat_flat, dataset._lat_start, dataset._latent_docs
+    numel, shape = dataset._frame_numel, dataset._frame_shape
+    for (doc, start, end, first), n in zip(segments, counts):
+        # more FRAMEs than latents (e.g. planned as text), or a whole document (planned without walking its
+        # frames) whose FRAME count differs from latents.idx: frame_positions raises DatasetFormatError naming it
+        if first + n > frame_counts[doc] or (start == 0 and end == tok_len[doc] and n != frame_counts[doc]):
+            dataset.frame_positions(doc)
+        if n:
+            a = int(lat_start[int(lat_docs[doc]) + first])
+            frames.append(lat_flat[a: a + n * numel].reshape((n,) + shape))
     return PackedRow(tokens, lengths, frames, dataset.latent_dtype)
 
 
