@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megafusion.checkpoint.checkpointer import checkpoint_root, resume, save_checkpoint
@@ -39,6 +40,17 @@ from megafusion.training.signals import StopSignal
 logger = logging.getLogger("megafusion.train")
 
 REPORT_KEYS = ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "text_tokens", "latent_tokens")
+
+
+def clip_by_total_norm(optimizer, grad_norm: float) -> None:
+    """Clip with the norm already computed for the NaN guard, as megatron's ChainedOptimizer.step does (its own
+    clip_grad_norm would compute the norm a second time)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            decoupled = opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                                                    use_decoupled_grad=decoupled)
 
 
 def train(cfg: Config) -> List[Dict[str, float]]:
@@ -145,8 +157,7 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += self.cfg.training.global_batch_size
         if self.guard.check(self.state.step, local_losses, grad_norm):
-            if self.cfg.optimizer.clip_grad > 0:
-                self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
+            clip_by_total_norm(self.optimizer, grad_norm)
             self.optimizer.step_with_ready_grads()
             self.scheduler.step(increment=1)
             # Means over the micro-batches (all ranks) that have each term; TP replicas and PP stages without
