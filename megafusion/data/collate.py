@@ -145,20 +145,7 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
         lat_np = np.concatenate(latents, 0, dtype=np.float32) if len(latents) > 1 else latents[0].astype(np.float32)
     else:
         lat_np = np.zeros((0, patch_dim), dtype=np.float32)
-    lat = torch.from_numpy(lat_np)
-    return Batch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(loss_mask),
-        modality=torch.from_numpy(modality),
-        block_ids=torch.from_numpy(block_ids),
-        document_ids=torch.from_numpy(document_ids),
-        context_start=torch.from_numpy(context_start),
-        noised=torch.from_numpy(noised),
-        latents=lat,
-        noisy_latents=lat,  # the same tensor until noised (see the module docstring)
-        latent_t=torch.from_numpy(np.ones(lat.shape[0], dtype=np.float32)),
-    )
+    return _batch(tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised, lat_np)
 
 
 # ---------------------------------------------------------------------------------------------- packed rows
@@ -297,20 +284,7 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
                 f += k
         # step 2: patches into the output
         _patches_from_rows(rows_first, patch_size, out=lat_np.reshape(n_frames, ppf, patch_dim))
-    lat = torch.from_numpy(lat_np)
-    return Batch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(loss_mask),
-        modality=torch.from_numpy(modality),
-        block_ids=torch.from_numpy(block_ids),
-        document_ids=torch.from_numpy(document_ids),
-        context_start=torch.from_numpy(context_start),
-        noised=torch.from_numpy(noised),
-        latents=lat,
-        noisy_latents=lat,  # the same tensor until noised (see the module docstring)
-        latent_t=torch.from_numpy(np.ones(lat_np.shape[0], dtype=np.float32)),
-    )
+    return _batch(tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised, lat_np)
 
 
 def _skewed_empty(shape, dtype, skew: int = 1024) -> np.ndarray:
@@ -375,3 +349,21 @@ def unpatchify(patches: np.ndarray, p: int, channels: int, height: int, width: i
     f = patches.shape[0]
     x = patches.reshape(f, height // p, width // p, channels, p, p).transpose(0, 3, 1, 4, 2, 5)
     return np.ascontiguousarray(x).reshape(f, channels, height, width)
+
+
+def _batch(tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised, lat_np) -> Batch:
+    """Wrap the numpy arrays of a micro-batch as a clean (not yet noised) Batch, without copies."""
+    lat = torch.from_numpy(lat_np)
+    return Batch(
+        tokens=torch.from_numpy(tokens),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask),
+        modality=torch.from_numpy(modality),
+        block_ids=torch.from_numpy(block_ids),
+        document_ids=torch.from_numpy(document_ids),
+        context_start=torch.from_numpy(context_start),
+        noised=torch.from_numpy(noised),
+        latents=lat,
+        noisy_latents=lat,  # the same tensor until noised (see the module docstring)
+        latent_t=torch.from_numpy(np.ones(lat_np.shape[0], dtype=np.float32)),
+    )
