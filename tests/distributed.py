@@ -10,6 +10,7 @@ after the function returns; a failure on any rank fails the test with that rank'
 from __future__ import annotations
 
 import os
+import contextlib
 import socket
 import traceback
 
@@ -65,3 +66,24 @@ def run_distributed(fn, world_size: int = 2, args=()) -> None:
             failures.append((-1, f"process exited with code {p.exitcode}"))
     if failures:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in failures))
+
+
+@contextlib.contextmanager
+def megatron_single_process():
+    """A 1-process gloo group (unless one exists) with megatron parallel_state at TP=PP=1, torn down after.
+    model_parallel_cuda_manual_seed needs CUDA, so callers seed weights with torch.manual_seed."""
+    from megatron.core import parallel_state
+
+    created = False
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        created = True
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()

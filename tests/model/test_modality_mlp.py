@@ -3,16 +3,13 @@ returning (output, bias) can fill a modality's slot (the hook a later MoE image 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from distributed import free_port
+from distributed import megatron_single_process
 from megafusion.config.schema import Config, DataConfig, ModelConfig, TrainingConfig
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 from megafusion.model.attention.layout import AttentionLayout
@@ -24,18 +21,9 @@ SEQ, BATCH = 64, 3
 
 
 @pytest.fixture(scope="module", autouse=True)
-def megatron_single_process():
-    created = False
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        created = True
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+def _megatron_single_process():
+    with megatron_single_process():
+        yield
 
 
 def make_config(**model):

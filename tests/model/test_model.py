@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from distributed import free_port
+from distributed import megatron_single_process
 from megafusion.config.schema import Config, DataConfig, ModelConfig, TrainingConfig
 from megafusion.data.batch import MODALITY_IMAGE, Batch
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
@@ -25,20 +22,9 @@ VOCAB, SEQ, BATCH = 200, 96, 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def megatron_single_process():
-    """A 1-process gloo group and megatron parallel_state at TP=PP=1. model_parallel_cuda_manual_seed needs CUDA
-    (it seeds torch.cuda), so weights are seeded with torch.manual_seed."""
-    created = False
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        created = True
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+def _megatron_single_process():
+    with megatron_single_process():
+        yield
 
 
 def make_config(backend="dense", recompute="none", precision="fp32", cpu_init=True, **model):
