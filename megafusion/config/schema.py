@@ -178,7 +178,8 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     """EP degree (MoE)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (GPU with Transformer Engine)."""
+    """Megatron sequence parallelism: activations outside attention and the FFNs are split along the sequence
+    across the TP group (needs TP > 1 and data.seq_length divisible by TP; CPU and GPU, local or TE layers)."""
     distributed_backend: str = "auto"
     """auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
     use_distributed_optimizer: bool = True
@@ -323,6 +324,11 @@ class Config:
         _check(m.num_layers % p.pipeline_model_parallel_size == 0,
                f"model.num_layers={m.num_layers} is not divisible by pipeline_model_parallel_size="
                f"{p.pipeline_model_parallel_size}")
+        if p.sequence_parallel:
+            _check(tp > 1, "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+            _check(self.data.seq_length % tp == 0,
+                   f"parallel.sequence_parallel=true splits the sequence over TP: data.seq_length="
+                   f"{self.data.seq_length} must be divisible by tensor_model_parallel_size={tp}")
         frame = m.patches_per_frame + 2  # BOI + patches + EOI
         _check(frame <= self.data.seq_length,
                f"one image needs {frame} positions (model.latent_size/patch_size squared + BOI/EOI) but "

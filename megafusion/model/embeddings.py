@@ -79,11 +79,7 @@ class TimestepEmbedding(MegatronModule):
 class MultimodalEmbedding(MegatronModule):
     def __init__(self, config, vocab_size: int, tp_group: Optional[torch.distributed.ProcessGroup] = None):
         super().__init__(config=config)
-        if config.sequence_parallel:
-            raise ValueError(
-                "MultimodalEmbedding does not scatter to sequence-parallel regions; set "
-                "parallel.sequence_parallel=false"
-            )
+        self.tp_group = tp_group
         self.vocab_size = vocab_size
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             num_embeddings=vocab_size,
@@ -98,7 +94,7 @@ class MultimodalEmbedding(MegatronModule):
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def forward(self, batch: Batch, layout: AttentionLayout) -> torch.Tensor:
-        """-> [s, b, h]"""
+        """-> [s, b, h] ([s/tp, b, h] under sequence parallelism)"""
         if batch.noisy_latents.shape[-1] != self.config.patch_dim:
             raise ValueError(
                 f"Batch.noisy_latents has patch_dim {batch.noisy_latents.shape[-1]} but the model expects "
@@ -114,4 +110,12 @@ class MultimodalEmbedding(MegatronModule):
         embeddings = text.view(s * b, h).index_copy(0, latent_rows(layout), latents.to(text.dtype)).view(s, b, h)
         if self.config.fp32_residual_connection:
             embeddings = embeddings.float()
-        return self.embedding_dropout(embeddings)
+        if not self.config.sequence_parallel:
+            return self.embedding_dropout(embeddings)
+        # as megatron's LanguageModelEmbedding: keep this rank's slice of the sequence (a clone, so the full
+        # tensor can be freed) and draw its dropout from the tensor-parallel RNG stream
+        embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings, group=self.tp_group)
+        if self.config.clone_scatter_output_in_embedding:
+            embeddings = embeddings.clone()
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.embedding_dropout(embeddings)

@@ -5,7 +5,7 @@
   share_embeddings_and_output_weights it allocates no weight and the model passes the word embedding's weight
   (megatron LanguageModule's tying machinery, across pipeline stages too).
 - VelocityHead: a norm-free linear h -> patch_dim on the latent rows (the block's final norm precedes it), rows
-  in Batch latent order.
+  in Batch latent order; under sequence parallelism it first gathers the sequence.
 - patchify / unpatchify: latent [..., C, H, W] <-> patches [..., (H/p)*(W/p), C*p*p]; patches in raster order,
   each patch vector laid out as (C, p, p) flattened (docs/DATA_FORMAT.md).
 """
@@ -38,12 +38,19 @@ def build_lm_head(config, vocab_size: int, skip_weight: bool, tp_group=None) -> 
 
 
 class VelocityHead(MegatronModule):
-    def __init__(self, config):
+    def __init__(self, config, tp_group=None):
         super().__init__(config=config)
+        self.tp_group = tp_group
         self.linear = make_linear(config, config.hidden_size, config.patch_dim)
 
     def forward(self, hidden_states: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        """hidden_states [s, b, h] -> velocity [N, patch_dim] (Batch latent-row order)."""
+        """hidden_states [s, b, h] ([s/tp, b, h] under sequence parallelism) -> velocity [N, patch_dim] (Batch
+        latent-row order)."""
+        if self.config.sequence_parallel:
+            # the head is replicated and every TP rank computes the same loss, so the backward keeps this rank's
+            # slice of the (identical) gradient rather than summing it over the group
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
         s, b, h = hidden_states.shape
         rows = hidden_states.reshape(s * b, h).index_select(0, latent_rows(layout))
         return self.linear(rows)

@@ -15,14 +15,23 @@ with a matching [b, s] = [n, 1] padding mask (True = padding) for MoE routing st
 251 ms vs 35 ms per training step at d=512, 8 layers, S=512, b=2; benchmarks/train_step.py).
 Every submodule runs on every micro-batch, even on zero rows, so collectives inside it (TP, EP) and gradient
 hooks fire identically on all ranks.
+
+Sequence parallelism: a rank holds [s/tp, b, h], and the modality rows of its slice differ in number from the
+other ranks', which megatron's sequence-parallel linears (equal-sized all-gathers) cannot take. So the whole
+sequence is gathered first (backward: keep this rank's slice), the submodules run as plain tensor-parallel FFNs
+(built from a copy of the config with sequence_parallel=False; fc2 all-reduces), and the output is split back
+to this rank's slice (backward: all-gather). Megatron's own sequence-parallel MLP instead all-gathers before fc1
+and reduce-scatters after fc2; this costs one extra all-gather per FFN in each direction.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
@@ -64,8 +73,13 @@ class ModalityMLP(MegatronModule):
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        self.text = build_module(submodules.text, config=config, **_mlp_kwargs(submodules.text, pg_collection))
-        self.image = build_module(submodules.image, config=config, **_mlp_kwargs(submodules.image, pg_collection))
+        self.tp_group = pg_collection.tp
+        inner = config
+        if config.sequence_parallel:  # the submodules see the gathered sequence (module docstring)
+            inner = copy.copy(config)
+            inner.sequence_parallel = False
+        self.text = build_module(submodules.text, config=inner, **_mlp_kwargs(submodules.text, pg_collection))
+        self.image = build_module(submodules.image, config=inner, **_mlp_kwargs(submodules.image, pg_collection))
 
     def set_layer_number(self, layer_number: int) -> None:
         """Forwarded to submodules that track it (megatron's MoE layer)."""
@@ -87,11 +101,14 @@ class ModalityMLP(MegatronModule):
                 f"{type(layout).__name__}); build layers with MultimodalTransformerLayer (megafusion/model/specs.py), "
                 "which routes it there"
             )
+        if self.config.sequence_parallel:
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
         s, b, h = hidden_states.shape
         if layout.seq_length * layout.batch_size != s * b:
             raise ValueError(
                 f"ModalityMLP: hidden states [{s}, {b}, {h}] do not match the AttentionLayout [b={layout.batch_size}, "
-                f"s={layout.seq_length}] (sequence parallelism is not supported by the modality FFN)"
+                f"s={layout.seq_length}]"
             )
         flat = hidden_states.reshape(s * b, h)
         outputs = []
@@ -103,8 +120,10 @@ class ModalityMLP(MegatronModule):
                 out = out + bias
             outputs.append(out.reshape(-1, out.shape[-1]))
         # one gather puts the concatenated branch outputs back in [s*b] order
-        merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout))
-        return merged.view(s, b, -1), None
+        merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout)).view(s, b, -1)
+        if self.config.sequence_parallel:
+            merged = tensor_parallel.scatter_to_sequence_parallel_region(merged, group=self.tp_group)
+        return merged, None
 
 
 def _row_padding(layout: AttentionLayout, modality: int) -> torch.Tensor:

@@ -9,6 +9,9 @@ forward(batch, layout=None):
     pre_process stage:  hidden = embedding(batch)  [s, b, h];  other stages take megatron's set_input_tensor
     hidden = decoder(hidden, attention_mask=layout, rotary_pos_emb=RoPE(0..s-1))   [s, b, h]
     post_process stage: ModelOutput(logits [s, b, V_padded/tp], velocity [N, patch_dim]); others: hidden
+Under sequence parallelism (config.sequence_parallel, TP > 1) hidden states between the embedding and the heads
+are this rank's slice [s/tp, b, h]: the embedding scatters, megatron's linears gather / reduce-scatter around
+attention, ModalityMLP gathers to route rows by modality, and both heads gather.
 Every pipeline stage receives the same Batch; its metadata (modality, blocks, documents) is small.
 """
 
@@ -22,13 +25,15 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.utils import get_pg_rank
 
 from megafusion.data.batch import Batch
 from megafusion.model.attention.layout import AttentionLayout
 from megafusion.model.embeddings import MultimodalEmbedding
 from megafusion.model.heads import VelocityHead, build_lm_head
 from megafusion.model.output import ModelOutput
-from megafusion.model.specs import get_layer_spec
+from megafusion.model.specs import get_block_spec, get_layer_spec
 from megafusion.model.transformer_config import MultimodalTransformerConfig, build_transformer_config
 from megafusion.model.transformer_layer import MultimodalTransformerBlock
 
@@ -48,11 +53,8 @@ class MultimodalModel(LanguageModule):
             raise TypeError("MultimodalModel needs a MultimodalTransformerConfig (build_transformer_config(cfg))")
         if config.vocab_size <= 0:
             raise ValueError("MultimodalTransformerConfig.vocab_size must be set (model.vocab_size)")
-        if config.sequence_parallel or config.context_parallel_size != 1:
-            raise ValueError(
-                "MultimodalModel supports neither sequence nor context parallelism yet; set "
-                "parallel.sequence_parallel=false and context_parallel_size=1"
-            )
+        if config.context_parallel_size != 1:
+            raise ValueError("MultimodalModel does not support context parallelism yet; set context_parallel_size=1")
         self.pre_process = pre_process
         self.post_process = post_process
         self.vp_stage = vp_stage
@@ -73,9 +75,10 @@ class MultimodalModel(LanguageModule):
             cp_group=self.pg_collection.cp,
         )
         self._rope_cache = {}
+        num_layers = get_num_layers_to_build(config, vp_stage, get_pg_rank(self.pg_collection.pp))
         self.decoder = MultimodalTransformerBlock(
             config=config,
-            spec=self.transformer_layer_spec,
+            spec=get_block_spec(config, use_te, self.transformer_layer_spec, num_layers),
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=self.pg_collection,
@@ -86,7 +89,7 @@ class MultimodalModel(LanguageModule):
                 config, self.vocab_size, skip_weight=pre_process and self.share_embeddings_and_output_weights,
                 tp_group=self.pg_collection.tp,
             )
-            self.velocity_head = VelocityHead(config)
+            self.velocity_head = VelocityHead(config, tp_group=self.pg_collection.tp)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 

@@ -11,6 +11,10 @@ get_gpt_layer_with_transformer_engine_spec, with three changes:
   so local and TE checkpoints keep the same parameter names. `get_modality_mlp_spec(..., image=<spec>)` lets a
   caller swap one modality's FFN for another spec, e.g. megatron's MoE layer spec.
 
+`get_block_spec` pairs the layers with a final norm of the same implementation (megatron's default block picks
+TENorm / apex / torch by what happens to be installed, whatever the layers use). Local norms are LocalNorm
+(megafusion/model/norm.py), which also works under sequence parallelism.
+
 Transformer Engine modules are imported only when `use_te` is True.
 """
 
@@ -25,10 +29,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megafusion.model.attention.core_attention import HybridCoreAttention
 from megafusion.model.modality_mlp import ModalityMLP, ModalityMLPSubmodules
+from megafusion.model.norm import LocalNorm
 from megafusion.model.transformer_layer import MultimodalSelfAttention, MultimodalTransformerLayer
 
 
@@ -36,7 +42,6 @@ class _Backend:
     """The modules of one implementation (local torch layers, or Transformer Engine)."""
 
     def __init__(self, config, use_te: bool):
-        rms = config.normalization == "RMSNorm"
         if config.normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"model.normalization={config.normalization!r}: use RMSNorm or LayerNorm")
         self.use_te = use_te
@@ -62,7 +67,7 @@ class _Backend:
             self.row = TERowParallelLinear
         else:
             local = LocalSpecProvider()
-            self.norm = local.layer_norm(rms_norm=rms, for_qk=False)
+            self.norm = LocalNorm
             self.column = local.column_parallel_linear()
             self.norm_column = None
             self.row = local.row_parallel_linear()
@@ -130,3 +135,8 @@ def get_layer_spec(config, use_te: bool, mlp: Optional[ModuleSpec] = None) -> Mo
             sharded_state_dict_keys_map=keys_map,
         ),
     )
+
+
+def get_block_spec(config, use_te: bool, layer_spec: ModuleSpec, num_layers: int) -> TransformerBlockSubmodules:
+    """`num_layers` layers of `layer_spec`, then the final norm from the same backend as the layers."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=_Backend(config, use_te).norm)

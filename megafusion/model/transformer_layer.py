@@ -105,7 +105,15 @@ class MultimodalTransformerLayer(TransformerLayer):
         if isinstance(self.mlp, ModalityMLP):
             return layout
         if padding_mask is None and isinstance(layout, AttentionLayout):
-            return layout.cached("padding_mask", lambda: ~layout.valid)
+            if not self.config.sequence_parallel:
+                return layout.cached("padding_mask", lambda: ~layout.valid)
+            # this rank's slice of the sequence, as megatron's GPTModel scatters its padding mask
+            def local_slice():
+                mask = (~layout.valid).transpose(0, 1).contiguous()  # [s, b]
+                mask = tensor_parallel.scatter_to_sequence_parallel_region(mask, group=self.tp_group)
+                return mask.transpose(0, 1).contiguous()
+
+            return layout.cached("padding_mask_sequence_parallel", local_slice)
         return padding_mask
 
 

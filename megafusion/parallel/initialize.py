@@ -86,8 +86,6 @@ def check_layout(parallel_cfg: ParallelConfig, world_size: int) -> int:
             f"parallel.virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size >= 2 and a "
             f"value >= 1 (got pipeline_model_parallel_size={pp}); set it to null otherwise"
         )
-    if p.sequence_parallel and not torch.cuda.is_available():
-        raise ValueError("parallel.sequence_parallel=true needs a GPU with Transformer Engine; set it to false on CPU")
     return dp
 
 

@@ -49,3 +49,17 @@ def test_yaml_round_trip_and_defaults_chain(tmp_path):
 def test_image_must_fit_sequence():
     with pytest.raises(ValueError, match="data.seq_length"):
         load_config("tiny", ["data.seq_length=8"])
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["parallel.sequence_parallel=true"], "tensor_model_parallel_size > 1"),
+        (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2", "data.seq_length=129"],
+         "data.seq_length=129 must be divisible"),
+    ],
+)
+def test_sequence_parallel_needs_tp_and_a_divisible_sequence(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_config("tiny", overrides)
+    assert load_config("tiny", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"])

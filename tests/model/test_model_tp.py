@@ -1,5 +1,6 @@
 """Model parallelism on 2 gloo processes: MultimodalModel at TP=2 (the TP=1 weights sharded by hand following
-megatron's layouts) and as two pipeline stages gives the single-process loss and gradients on the same weights."""
+megatron's layouts), at TP=2 with sequence parallelism, and as two pipeline stages gives the single-process loss
+and gradients on the same weights."""
 
 from __future__ import annotations
 
@@ -16,16 +17,17 @@ from distributed import run_distributed
 BACKENDS = ["dense"] + (["segmented"] if importlib.util.find_spec("megafusion.model.attention.segmented") else [])
 
 
-def _make_config(tp: int, backend: str, pp: int = 1):
+def _make_config(tp: int, backend: str, pp: int = 1, sequence_parallel: bool = False, modality_ffn: bool = True):
     from megafusion.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, TrainingConfig
     from megafusion.model.transformer_config import build_transformer_config
 
     cfg = Config(
         model=ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                           vocab_size=200, latent_channels=4, latent_size=4, patch_size=2, attention_backend=backend,
-                          transformer_impl="local"),
+                          transformer_impl="local", modality_ffn=modality_ffn),
         data=DataConfig(seq_length=64),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                sequence_parallel=sequence_parallel),
         training=TrainingConfig(precision="fp32"),
     )
     return build_transformer_config(cfg)
@@ -68,6 +70,7 @@ def _shard(name: str, full: torch.Tensor, param: torch.Tensor, gated: bool, rank
 def _tp_worker(rank, world_size, out_dir, backends):
     for backend in backends:
         _compare_tp2_with_tp1(rank, out_dir, backend)
+    _compare_tp2_with_tp1(rank, out_dir, backends[-1], sequence_parallel=True)
     _compare_pp2_with_pp1(rank, out_dir)
 
 
@@ -132,7 +135,10 @@ def _compare_pp2_with_pp1(rank, out_dir):
         json.dump(report, f)
 
 
-def _compare_tp2_with_tp1(rank, out_dir, backend):
+def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False):
+    """With sequence parallelism the layers pass [s/2, b, h] between them, and the norms' gradients are partial
+    sums that megatron's finalize_model_grads all-reduces over TP (done here by hand)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megafusion.model import MultimodalModel
@@ -150,9 +156,18 @@ def _compare_tp2_with_tp1(rank, out_dir, backend):
     ps.destroy_model_parallel()
 
     ps.initialize_model_parallel(2, 1)
-    config2 = _make_config(2, backend)
+    if sequence_parallel:  # megatron's sequence-parallel linears (gather buffers) and RNG tracker need CUDA
+        from megatron.core import tensor_parallel
+
+        from megafusion.parallel.cpu_compat import enable_cpu_compat
+
+        enable_cpu_compat()
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+    config2 = _make_config(2, backend, sequence_parallel=sequence_parallel)
     assert config2.padded_vocab_size == config1.padded_vocab_size
     model = MultimodalModel(config2)
+    shapes = []
+    model.decoder.layers[0].register_forward_hook(lambda module, args, out: shapes.append(tuple(out[0].shape)))
     assert model.output_layer.weight.shape[0] == config2.padded_vocab_size // 2
     names = dict(model.named_parameters())
     assert set(names) == set(weights)
@@ -161,20 +176,45 @@ def _compare_tp2_with_tp1(rank, out_dir, backend):
             param.copy_(_shard(name, weights[name], param, config2.gated_linear_unit, rank, 2))
     loss2 = _loss(model(batch), batch)
     loss2.backward()
+    assert shapes == [(batch.seq_length // 2 if sequence_parallel else batch.seq_length, batch.batch_size,
+                       config2.hidden_size)], shapes
+    partial = [p for p in names.values() if getattr(p, "sequence_parallel", False)]
+    assert bool(partial) == sequence_parallel, [n for n, p in names.items() if p in partial]
+    for param in partial:
+        dist.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
+    if sequence_parallel:
+        _check_shared_ffn_padding_mask_is_local(rank, backend, batch)
 
     report = {"loss1": loss1.item(), "loss2": loss2.item(), "grad_rel": {}}
     for name, param in names.items():
         expected = _shard(name, grads[name], param, config2.gated_linear_unit, rank, 2)
         report["grad_rel"][name] = ((param.grad - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     ps.destroy_model_parallel()
-    with open(os.path.join(out_dir, f"{backend}_rank{rank}.json"), "w") as f:
+    label = f"{backend}_sp" if sequence_parallel else backend
+    with open(os.path.join(out_dir, f"{label}_rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
 
+def _check_shared_ffn_padding_mask_is_local(rank, backend, batch):
+    """A shared (non-modality) FFN gets megatron's [b, s] padding mask (MoE routing statistics); under sequence
+    parallelism, this rank's [b, s/2] slice of it, matching its slice of the hidden states."""
+    from megafusion.model import MultimodalModel
+
+    model = MultimodalModel(_make_config(2, backend, sequence_parallel=True, modality_ffn=False))
+    masks = []
+    model.decoder.layers[0].mlp.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["padding_mask"]), with_kwargs=True)
+    model(batch)
+    half = batch.seq_length // 2
+    expected = (batch.document_ids < 0)[:, rank * half:(rank + 1) * half]
+    assert (batch.document_ids < 0).any(), "the batch should hold padding"
+    assert len(masks) == 1 and masks[0].shape == expected.shape and torch.equal(masks[0], expected)
+
+
 @pytest.mark.distributed
-def test_tp2_and_pp2_loss_and_gradients_equal_single_process(tmp_path):
+def test_tp2_sp_and_pp2_loss_and_gradients_equal_single_process(tmp_path):
     run_distributed(_tp_worker, world_size=2, args=(str(tmp_path), BACKENDS))
-    for backend in BACKENDS:
+    for backend in BACKENDS + [f"{BACKENDS[-1]}_sp"]:
         for rank in range(2):
             _check(json.loads((tmp_path / f"{backend}_rank{rank}.json").read_text()), backend, rank)
     stages = [json.loads((tmp_path / f"pp_rank{rank}.json").read_text()) for rank in range(2)]

@@ -34,6 +34,7 @@ def test_single_process_loss_moves(reference):
     "name, layout",
     [
         ("tp2", ["parallel.tensor_model_parallel_size=2"]),
+        ("tp2_sp", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
         ("pp2", ["parallel.pipeline_model_parallel_size=2"]),
         ("dp2", []),
     ],
