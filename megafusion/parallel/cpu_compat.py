@@ -26,6 +26,8 @@ Adaptations (megatron-core 0.16.1):
      torch.cuda.synchronize -> no-op,
      torch.cuda.Stream / Event / current_stream / stream -> CpuStream / CpuEvent stand-ins whose waits and syncs are
      no-ops (CPU ops are synchronous). Targets p2p_communication._communicate (torch.cuda.synchronize),
+     utils.GlobalMemoryBuffer.get_tensor (the all-gather buffer of sequence-parallel linears,
+     tensor_parallel/layers.py LinearWithGradAccumulationAndAsyncCommunication),
      MoEAlltoAllTokenDispatcher.__init__ and ._maybe_dtoh_and_synchronize (cuda_dtoh_stream, record_event,
      d2h_event.synchronize), DistributedDataParallel.__init__ (communication_stream). The all-to-all dispatcher also
      needs transformer/moe/moe_utils.maybe_move_tensor_to_cpu(as_numpy=True) to return numpy split sizes for a
@@ -56,7 +58,8 @@ Adaptations (megatron-core 0.16.1):
      every MoE router raises NameError without TE. `fill_missing_te_names()` binds it to None, selecting megatron's
      own torch.mm path. It is applied by enable_cpu_compat() and, on GPU, by megafusion.parallel.initialize.
 
-Known limits on CPU: sequence parallelism needs TE/apex norms; flex_attention has no CPU backward.
+Known limits on CPU: flex_attention has no CPU backward. (Sequence parallelism needs norms that mark their
+parameters for megatron's TP gradient all-reduce; megafusion's local norm does, megafusion/model/norm.py.)
 """
 
 from __future__ import annotations
