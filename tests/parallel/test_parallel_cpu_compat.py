@@ -272,3 +272,23 @@ def test_moe_router_gemm_works_without_transformer_engine(compat):
     torch.testing.assert_close(logits, inp @ weight.t())
     logits.sum().backward()
     torch.testing.assert_close(weight.grad, torch.ones(5, 4).t() @ inp.detach())
+
+
+def test_single_rank_gloo_buffer_collectives_are_identities(one_rank):
+    """G: megatron DDP's bucket collectives over a 1-rank gloo group do no communication when synchronous (the DP=2
+    parity tests compare runs with and without it end to end); asynchronous calls still reach gloo."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    group = ps.get_data_parallel_group()
+    assert group.size() == 1
+    data, gathered = torch.arange(6.0), torch.zeros(6)
+    with buffers._coalescing_manager(group, async_ops=False) as manager:
+        assert buffers.dist_reduce_scatter_func(data, data[:6], group=group) is None  # in place: nothing to move
+        assert buffers.dist_all_gather_func(gathered, data, group=group) is None
+    assert isinstance(manager, cpu_compat._Completed) and manager.wait() is None
+    assert torch.equal(gathered, data) and torch.equal(data, torch.arange(6.0))
+    work = buffers.dist_all_gather_func(gathered.zero_(), data, group=group, async_op=True)
+    assert work is not None
+    work.wait()
+    assert torch.equal(gathered, data)
