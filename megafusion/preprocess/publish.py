@@ -1,13 +1,15 @@
 """The end of a run: merge finished shards in order into the dataset folder and publish it.
 
 Shards are concatenated with megatron's IndexedDatasetBuilder.add_index (format reused, not rewritten) into temp
-names (``*.partial``); every file is fsynced and renamed, the .idx files after the .bin files, and manifest.json
-last (temp name, fsync, rename), so a run killed at any point never leaves a folder that looks complete.
+names (``*.partial``), in shard order as they finish (ShardMerger); every file is fsynced and renamed, the .idx
+files after the .bin files, and manifest.json last (temp name, fsync, rename), so a run killed at any point never
+leaves a folder that looks complete.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +17,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from megafusion.utils.files import file_sha256, fsync_file, publish_file, write_atomic
+from megafusion.utils.files import file_sha256, fsync_file, hash_file_into, publish_file, write_atomic
 from megafusion.preprocess.shards import shard_prefix
 
 FORMAT_VERSION = 1
@@ -34,36 +36,71 @@ def merge_rejects(output: str, shards_dir: str, num_shards: int) -> str:
     return final
 
 
-def merge_datasets(output: str, shards_dir: str, num_shards: int, latent_np_dtype) -> None:
-    """Merge shard datasets into tokens.{bin,idx} and latents.{bin,idx} (the .idx files renamed last)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+class ShardMerger:
+    """Appends finished shards, in shard order, to the dataset's temp files (``*.partial``) as soon as every shard
+    before them has finished, hashing each .bin as it is appended; publish() then only writes the .idx files,
+    fsyncs and renames. Merging while later shards are still being encoded keeps the serial tail of a multi-worker
+    run short. Call shard_finished(i) for every shard (any order), then publish() or, on failure, discard()."""
 
-    partial = []
-    # add_index runs gc.collect() once per shard, which costs ~0.5 s in a process holding torch + megatron;
-    # freezing the objects alive now makes those collections cheap without changing what is written.
-    gc.freeze()
-    try:
-        for name, dtype in (("tokens", np.int32), ("latents", latent_np_dtype)):
-            bin_tmp = os.path.join(output, f"{name}.bin.partial")
-            idx_tmp = os.path.join(output, f"{name}.idx.partial")
-            builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
-            for i in range(num_shards):
-                builder.add_index(f"{shard_prefix(shards_dir, i)}.{name}")
-            builder.finalize(idx_tmp)
-            partial += [(bin_tmp, f"{name}.bin"), (idx_tmp, f"{name}.idx")]
-    finally:
-        gc.unfreeze()
-    for tmp, _ in partial:
-        fsync_file(tmp)
-    for tmp, final in sorted(partial, key=lambda p: p[1].endswith(".idx")):  # .bin first, .idx last
-        publish_file(tmp, os.path.join(output, final))
+    def __init__(self, output: str, shards_dir: str, num_shards: int, latent_np_dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.output, self.shards_dir, self.num_shards = output, shards_dir, num_shards
+        dtypes = {"tokens": np.int32, "latents": latent_np_dtype}
+        self._builders = {name: IndexedDatasetBuilder(self._partial(f"{name}.bin"), dtype=dtype)
+                          for name, dtype in dtypes.items()}
+        self._digests = {name: hashlib.sha256() for name in dtypes}
+        self._finished, self._next = set(), 0
+
+    def _partial(self, name: str) -> str:
+        return os.path.join(self.output, f"{name}.partial")
+
+    def shard_finished(self, index: int) -> None:
+        self._finished.add(index)
+        while self._next in self._finished:
+            prefix = shard_prefix(self.shards_dir, self._next)
+            # add_index runs gc.collect() once per call, ~0.5 s in a process holding torch + megatron; freezing
+            # the objects alive now makes those collections cheap without changing what is written.
+            gc.freeze()
+            try:
+                for name, builder in self._builders.items():
+                    builder.add_index(f"{prefix}.{name}")  # appends the whole shard .bin
+                    hash_file_into(self._digests[name], f"{prefix}.{name}.bin")
+            finally:
+                gc.unfreeze()
+            self._next += 1
+
+    def publish(self) -> Dict[str, str]:
+        """Write the .idx files and publish the four data files (.bin first, .idx last); returns the .bin sha256s."""
+        if self._next != self.num_shards:
+            raise RuntimeError(f"{self.output}: only {self._next} of {self.num_shards} shards were merged")
+        partial = []
+        for name, builder in self._builders.items():
+            builder.finalize(self._partial(f"{name}.idx"))
+            partial += [(self._partial(f"{name}.bin"), f"{name}.bin"), (self._partial(f"{name}.idx"), f"{name}.idx")]
+        for tmp, _ in partial:
+            fsync_file(tmp)
+        for tmp, final in sorted(partial, key=lambda p: p[1].endswith(".idx")):  # .bin first, .idx last
+            publish_file(tmp, os.path.join(self.output, final))
+        return {f"{name}.bin": digest.hexdigest() for name, digest in self._digests.items()}
+
+    def discard(self) -> None:
+        """Close and remove the temp files (a failed run; a re-run merges again from its finished shards)."""
+        for name, builder in self._builders.items():
+            builder.data_file.close()
+            for suffix in (".bin", ".idx"):
+                path = self._partial(name + suffix)
+                if os.path.exists(path):
+                    os.remove(path)
 
 
-def file_entries(output: str) -> Dict[str, dict]:
+def file_entries(output: str, known_sha256: Dict[str, str]) -> Dict[str, dict]:
+    """Size and sha256 of every published file; `known_sha256` holds digests already computed while merging."""
     entries = {}
     for name in DATA_FILES + ("rejects.jsonl",):
         path = os.path.join(output, name)
-        entries[name] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+        digest = known_sha256.get(name) or file_sha256(path)
+        entries[name] = {"bytes": os.path.getsize(path), "sha256": digest}
     return entries
 
 

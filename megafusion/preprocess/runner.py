@@ -1,5 +1,6 @@
 """One preprocessing run end to end: plan shards, run them on N worker processes (or inline for 1), show progress,
-enforce the reject threshold, merge and publish (megafusion.preprocess.publish).
+merge finished shards in order while the others run, enforce the reject threshold, publish
+(megafusion.preprocess.publish).
 
 Resume: the plan (shards/plan.json) carries the run's fingerprint (megafusion.preprocess.options); re-running the
 same command skips shards whose done-marker is valid and rewrites the rest; a folder whose manifest has the same
@@ -17,13 +18,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from typing import Callable, List
+from typing import Callable, Dict, List, Tuple
 
 from megafusion.utils.files import write_atomic
 from megafusion.preprocess.documents import DocumentBuilder, latent_storage
 from megafusion.preprocess.options import PreprocessOptions
-from megafusion.preprocess.publish import (FORMAT_VERSION, file_entries, merge_datasets, merge_rejects,
-                                           read_manifest, remove_published, sum_stats, write_manifest)
+from megafusion.preprocess.publish import (FORMAT_VERSION, ShardMerger, file_entries, merge_rejects, read_manifest,
+                                           remove_published, sum_stats, write_manifest)
 from megafusion.preprocess.records import iter_rows
 from megafusion.preprocess.rejects import empty_counts
 from megafusion.preprocess.shards import (Segment, ShardSpec, ShardWriter, finished_stats, plan_shards)
@@ -107,7 +108,9 @@ class _Progress:
         self.bar.close()
 
 
-def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: str, progress: _Progress) -> None:
+def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: str, progress: _Progress,
+                 finished: Callable[[int], None]) -> None:
+    """Encode the pending shards; `finished(index)` is called in this process as each one completes."""
     if not pending:
         return
     if opts.workers == 1:
@@ -118,6 +121,7 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
         builder = make_builder(opts)
         for spec in pending:
             process_shard(builder, opts, spec, shards_dir, progress)
+            finished(spec.index)
         return
     import multiprocessing as mp
 
@@ -136,13 +140,13 @@ def _run_pending(opts: PreprocessOptions, pending: List[ShardSpec], shards_dir: 
     # collector off the parent's objects, which would otherwise copy the parent's heap page by page after fork.
     gc.freeze()
     try:
-        _run_pool(opts, pending, shards_dir, ctx, updates, drain)
+        _run_pool(opts, pending, shards_dir, ctx, updates, drain, finished)
     finally:
         gc.unfreeze()
     drain()
 
 
-def _run_pool(opts, pending, shards_dir, ctx, updates, drain) -> None:
+def _run_pool(opts, pending, shards_dir, ctx, updates, drain, finished) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     with ProcessPoolExecutor(min(opts.workers, len(pending)), mp_context=ctx, initializer=_init_worker,
@@ -150,16 +154,16 @@ def _run_pool(opts, pending, shards_dir, ctx, updates, drain) -> None:
         futures = {pool.submit(_worker_task, spec): spec for spec in pending}
         remaining = set(futures)
         while remaining:
-            finished, remaining = wait(remaining, timeout=0.1, return_when=FIRST_COMPLETED)
+            done, remaining = wait(remaining, timeout=0.1, return_when=FIRST_COMPLETED)
             drain()
-            for future in finished:
-                exc = future.exception()
+            for future in done:
+                spec, exc = futures[future], future.exception()
                 if exc is not None:
-                    spec = futures[future]
                     for other in remaining:
                         other.cancel()
                     raise PreprocessError(f"worker failed on shard {spec.index} (records {spec.start}.."
                                           f"{spec.stop - 1}): {type(exc).__name__}: {exc}") from exc
+                finished(spec.index)
 
 
 def _load_or_write_plan(opts: PreprocessOptions, shards_dir: str, fingerprint: str) -> List[ShardSpec]:
@@ -183,6 +187,43 @@ def _load_or_write_plan(opts: PreprocessOptions, shards_dir: str, fingerprint: s
 
 def _log(message: str) -> None:
     print(f"[preprocess] {message}", file=sys.stderr, flush=True)
+
+
+def _encode_merge_publish(opts: PreprocessOptions, shards: List[ShardSpec], pending: List[ShardSpec],
+                          shards_dir: str, storage_dtype, progress: _Progress) -> Tuple[dict, dict, Dict[str, str]]:
+    """Encode the pending shards while merging finished ones in order, enforce the reject threshold, publish the
+    data files. Returns the counts, the rejects by reason and the .bin sha256s."""
+    merger = ShardMerger(opts.output, shards_dir, len(shards), storage_dtype)
+    try:
+        waiting = {spec.index for spec in pending}
+        for spec in shards:
+            if spec.index not in waiting:  # finished by an earlier run
+                merger.shard_finished(spec.index)
+        try:
+            _run_pending(opts, pending, shards_dir, progress, merger.shard_finished)
+        finally:
+            progress.close()
+        stats = []
+        for spec in shards:
+            s = finished_stats(shards_dir, spec.index)
+            if s is None:
+                raise PreprocessError(f"shard {spec.index} has no valid done-marker after its worker finished")
+            stats.append(s)
+        totals = sum_stats(stats)
+        counts, by_reason = totals["counts"], {**empty_counts(), **totals["rejected_by_reason"]}
+        merge_rejects(opts.output, shards_dir, len(shards))
+        fraction = counts["rejected"] / max(counts["records_read"], 1)
+        if fraction > opts.max_reject_fraction:
+            reasons = ", ".join(f"{k}={v}" for k, v in by_reason.items() if v)
+            raise PreprocessError(
+                f"{counts['rejected']} of {counts['records_read']} records rejected ({fraction:.1%}) exceeds "
+                f"--max-reject-fraction {opts.max_reject_fraction} ({reasons}); see "
+                f"{os.path.join(opts.output, 'rejects.jsonl')}. No dataset was published; fix the inputs or raise "
+                f"the threshold (finished shards are reused on the next run)")
+        return counts, by_reason, merger.publish()
+    except BaseException:
+        merger.discard()
+        raise
 
 
 def run_preprocess(opts: PreprocessOptions) -> dict:
@@ -219,30 +260,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     if len(pending) < len(shards):
         _log(f"resuming: {len(shards) - len(pending)} of {len(shards)} shards already finished")
     progress = _Progress(total, sum(s.stop - s.start for s in shards if done[s.index] is not None), opts.progress)
-    try:
-        _run_pending(opts, pending, shards_dir, progress)
-    finally:
-        progress.close()
-
-    stats = []
-    for spec in shards:
-        s = finished_stats(shards_dir, spec.index)
-        if s is None:
-            raise PreprocessError(f"shard {spec.index} has no valid done-marker after its worker finished")
-        stats.append(s)
-    totals = sum_stats(stats)
-    counts, by_reason = totals["counts"], {**empty_counts(), **totals["rejected_by_reason"]}
-    merge_rejects(opts.output, shards_dir, len(shards))
-    fraction = counts["rejected"] / max(counts["records_read"], 1)
-    if fraction > opts.max_reject_fraction:
-        reasons = ", ".join(f"{k}={v}" for k, v in by_reason.items() if v)
-        raise PreprocessError(
-            f"{counts['rejected']} of {counts['records_read']} records rejected ({fraction:.1%}) exceeds "
-            f"--max-reject-fraction {opts.max_reject_fraction} ({reasons}); see "
-            f"{os.path.join(opts.output, 'rejects.jsonl')}. No dataset was published; fix the inputs or raise the "
-            f"threshold (finished shards are reused on the next run)")
-
-    merge_datasets(opts.output, shards_dir, len(shards), storage_dtype)
+    counts, by_reason, digests = _encode_merge_publish(opts, shards, pending, shards_dir, storage_dtype, progress)
     inputs = []
     for i, path in enumerate(opts.inputs):
         inputs.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path),
@@ -257,7 +275,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         "tokenizer": tokenizer.describe(),
         "counts": counts,
         "rejected_by_reason": by_reason,
-        "files": file_entries(opts.output),
+        "files": file_entries(opts.output, digests),
         "inputs": inputs,
         "options": opts.settings(),
         "fingerprint": fingerprint,

@@ -62,9 +62,14 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
     fsync_dir(path.parent)
 
 
-def file_sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
+def hash_file_into(digest, path: PathLike) -> None:
+    """Feed the bytes of `path` to a hashlib object (chunked: files may be larger than memory)."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
+
+
+def file_sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    hash_file_into(digest, path)
     return digest.hexdigest()

@@ -152,6 +152,7 @@ def test_threshold_failure_exits_nonzero_and_publishes_nothing(tmp_path, tokeniz
     assert f"{len(expected)} of {total} records rejected" in err and "--max-reject-fraction 0.5" in err
     assert "rejects.jsonl" in err
     assert not (out / "manifest.json").exists() and not (out / "tokens.idx").exists()
+    assert not list(out.glob("*.partial")), "the merged-so-far temp files of a failed run are removed"
     assert len(open(out / "rejects.jsonl").readlines()) == len(expected)
     # the same command with a looser threshold reuses the finished shards and publishes
     main(argv[:-1] + ["0.9"])
