@@ -11,8 +11,10 @@ Two inputs, one contract (megafusion.data.batch.Batch), identical batches for id
   np.repeat per field over the batch's token stream (each FRAME token expanded to its patches, one padding
   pseudo-token per row expanded to the padded tail), and the latents are patchified straight into the output.
 
-Deciding *what* goes into a row (packing, never splitting a frame) is the packer's job; this module only writes
-the contract. `latents` and `noisy_latents` of a collated Batch are the same tensor (noisy_latents = latents
+Both write every field into arrays they ask `alloc(name, shape, dtype)` for (`*_fields` return them by name;
+a loader worker's allocator places them in its shared-memory slot, see workers.py); `batch_from_fields` wraps
+such arrays as a Batch without copies. Deciding *what* goes into a row (packing, never splitting a frame) is the
+packer's job; this module only writes the contract. `latents` and `noisy_latents` of a collated Batch are the same tensor (noisy_latents = latents
 before noising): consumers must not write either in place — the flow-matching objective
 (megafusion.objectives.flow_matching.noise_batch) returns fresh tensors for every field it fills.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,8 +61,22 @@ def _part_length(part: Part) -> int:
     return len(part.ids) if isinstance(part, TextPart) else part.patches.shape[0]
 
 
+Alloc = Callable[[str, Tuple[int, ...], type], np.ndarray]  # (field name, shape, dtype) -> array to fill
+
+
+def new_field(name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """The default `alloc`: a fresh array (skewed, see _skewed_empty)."""
+    return _skewed_empty(shape, dtype)
+
+
 def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
-    """Build a Batch of len(rows) sequences of seq_length positions (the tail of each row is padding).
+    """Build a Batch of len(rows) sequences of seq_length positions (the tail of each row is padding)."""
+    return batch_from_fields(collate_fields(rows, seq_length, patch_dim, pad_id))
+
+
+def collate_fields(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad_id: int = SPECIAL_TOKENS.pad,
+                   alloc: Alloc = new_field) -> Dict[str, np.ndarray]:
+    """The arrays of `collate`'s Batch by field name (noisy_latents is latents), written into `alloc`'s arrays.
 
     One Python pass records each part's length and place; the per-position values of the whole batch are then
     built with np.repeat of per-part values and written with one slice per row and field; latents are copied once.
@@ -103,12 +119,13 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
             raise ValueError(f"row {r} holds {pos} positions, more than seq_length={seq_length}")
         row_used.append(pos)
     shape = (b, seq_length)
-    tokens = np.full(shape, pad_id, dtype=np.int64)
-    modality = np.full(shape, MODALITY_TEXT, dtype=np.int64)
-    block_ids = np.full(shape, -1, dtype=np.int64)
-    document_ids = np.full(shape, -1, dtype=np.int64)
-    context_start = np.tile(np.arange(seq_length, dtype=np.int64), (b, 1))  # padding sees only itself
-    noised = np.zeros(shape, dtype=bool)
+    tokens = _filled(alloc, "tokens", shape, np.int64, pad_id)
+    modality = _filled(alloc, "modality", shape, np.int64, MODALITY_TEXT)
+    block_ids = _filled(alloc, "block_ids", shape, np.int64, -1)
+    document_ids = _filled(alloc, "document_ids", shape, np.int64, -1)
+    context_start = alloc("context_start", shape, np.int64)
+    context_start[:] = np.arange(seq_length, dtype=np.int64)  # padding sees only itself
+    noised = _filled(alloc, "noised", shape, bool, False)
     if lengths:
         # per-position values of all rows' filled prefixes, back to back
         n_part = np.asarray(lengths, dtype=np.int64)
@@ -136,16 +153,25 @@ def collate(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: int, pad
                 block_ids[r, :used] = row_blocks
             c += used
     is_text = (modality == MODALITY_TEXT) & (document_ids >= 0)
-    labels = np.full_like(tokens, pad_id)
+    labels = alloc("labels", shape, np.int64)
     labels[:, :-1] = tokens[:, 1:]
+    labels[:, -1] = pad_id
     # CE counts where this position and the next are text of the same document.
-    loss_mask = np.zeros((b, seq_length), dtype=np.float32)
+    loss_mask = alloc("loss_mask", shape, np.float32)
     loss_mask[:, :-1] = is_text[:, :-1] & is_text[:, 1:] & (document_ids[:, :-1] == document_ids[:, 1:])
+    loss_mask[:, -1] = 0.0
+    lat = alloc("latents", (sum(p.shape[0] for p in latents), patch_dim), np.float32)
     if latents:
-        lat_np = np.concatenate(latents, 0, dtype=np.float32) if len(latents) > 1 else latents[0].astype(np.float32)
-    else:
-        lat_np = np.zeros((0, patch_dim), dtype=np.float32)
-    return _batch(tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised, lat_np)
+        np.concatenate(latents, 0, out=lat)
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "modality": modality, "block_ids": block_ids,
+            "document_ids": document_ids, "context_start": context_start, "noised": noised, "latents": lat,
+            "latent_t": _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)}
+
+
+def _filled(alloc: Alloc, name: str, shape, dtype, value) -> np.ndarray:
+    out = alloc(name, shape, dtype)
+    out.fill(value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- packed rows
@@ -160,18 +186,26 @@ class PackedRow:
 
 
 def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, patch_dim: int, frame_token: int,
-                   pad_id: int = SPECIAL_TOKENS.pad,
-                   latent_out: Optional[Callable[[int, int], np.ndarray]] = None) -> Batch:
+                   pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
     """Build a Batch of len(rows) sequences of seq_length positions; every frame is noised (dataset frames).
 
-    Equal to `collate` of the same rows laid out as TextParts and FrameParts. The batch's token streams are
-    concatenated with one padding pseudo-token after each row; each token gets a repeat count (ppf for a FRAME,
-    1 for text, seq_length - used for the pseudo-token), so `repeat` of a per-token value yields a whole [b, s]
-    field at once; fields constant over a document segment repeat per-segment values instead. Latents are float32
-    (16-bit storage is widened exactly) and are patchified in two passes: whole latent rows from the memory map
-    into a rows-first buffer, then patches into the output: `latent_out(rows, patch_dim)` when given (a float32
-    array to fill, e.g. a loader worker's shared-memory slot), else a new array. Few, large numpy calls:
-    per-call overhead, not arithmetic, is what this costs.
+    Equal to `collate` of the same rows laid out as TextParts and FrameParts.
+    """
+    return batch_from_fields(collate_packed_fields(rows, seq_length, patch_size, patch_dim, frame_token, pad_id))
+
+
+def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size: int, patch_dim: int,
+                          frame_token: int, pad_id: int = SPECIAL_TOKENS.pad,
+                          alloc: Alloc = new_field) -> Dict[str, np.ndarray]:
+    """The arrays of `collate_packed`'s Batch by field name (noisy_latents is latents), written into `alloc`'s.
+
+    Per token of the batch's concatenated token streams: its first flat position in [b * s] (an exclusive cumsum
+    of its position count, ppf for a FRAME and 1 for text, with each row's padding added after its last token);
+    per-token fields are filled with their padding value and scattered to those positions once, frames' block ids
+    go to their ppf positions, and fields constant over a document segment repeat per-segment values (each row's
+    padding a pseudo-segment). Latents are float32 (16-bit storage is widened exactly) and are patchified in two
+    passes: whole latent rows from the memory map into a rows-first buffer, then patches into the `latents` array.
+    Few, large numpy calls: per-call overhead, not arithmetic, is what this costs.
     """
     b, S = len(rows), seq_length
     if b == 0:
@@ -191,12 +225,10 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
     else:
         ppf = 1
 
-    # the batch's token stream with a padding pseudo-token after each row, and its segments (Python, per row)
-    stream, pseudo, seg_ids, seg_first, seg_row = [], [], [], [], []
+    # the batch's token stream and its document segments (Python, per row); each row's padding is a pseudo-segment
+    seg_ids, seg_first, seg_row, pad_seg, row_end = [], [], [], [], []
     n = 0
     for r, row in enumerate(rows):
-        stream.append(row.tokens)
-        stream.append(_PAD_TOKEN)
         for k, length in enumerate(row.segment_lengths):
             if length <= 0:
                 raise ValueError(f"row {r}: document segment {k} is empty; a row plan holds non-empty segments")
@@ -204,76 +236,96 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
             seg_first.append(n)
             seg_row.append(r)
             n += length
-        if n - (pseudo[-1] + 1 if pseudo else 0) != len(row.tokens):
-            raise ValueError(f"row {r}: segment lengths sum to {n - (pseudo[-1] + 1 if pseudo else 0)}, but the "
-                             f"row holds {len(row.tokens)} tokens")
+        if n - (row_end[-1] if row_end else 0) != len(row.tokens):
+            raise ValueError(f"row {r}: segment lengths sum to {n - (row_end[-1] if row_end else 0)}, but the row "
+                             f"holds {len(row.tokens)} tokens")
+        pad_seg.append(len(seg_ids))
         seg_ids.append(-1)
-        seg_first.append(n)
         seg_row.append(r)
-        pseudo.append(n)
-        n += 1
-    toks = np.concatenate(stream)
-    pseudo_at = np.array(pseudo)
+        row_end.append(n)
+    toks = rows[0].tokens if b == 1 else np.concatenate([row.tokens for row in rows])
     is_frame = toks == frame_token
-    is_frame[pseudo_at] = False
     frame_at = is_frame.nonzero()[0]  # token index of every frame
     if len(frame_at) != n_frames:
         raise ValueError(f"collate_packed: the rows hold {len(frame_at)} FRAME tokens but {n_frames} frames of "
                          f"latents")
-    row_frames = frame_at.searchsorted(pseudo_at).tolist()  # frames up to the end of each row (cumulative)
-    used = [pseudo[r] - (pseudo[r - 1] + 1 if r else 0) + (row_frames[r] - (row_frames[r - 1] if r else 0))
+    row_frames = frame_at.searchsorted(row_end).tolist()  # frames up to the end of each row (cumulative)
+    used = [row_end[r] - (row_end[r - 1] if r else 0) + (row_frames[r] - (row_frames[r - 1] if r else 0))
             * (ppf - 1) for r in range(b)]  # positions filled per row
     for r, u in enumerate(used):
         if u > S:
             raise ValueError(f"row {r} holds {u} positions, more than seq_length={S}")
     count = is_frame * (ppf - 1)
-    count += 1
-    count[pseudo_at] = [S - u for u in used]
+    count += 1  # positions of each token
+    seg_pos = np.empty(len(seg_ids), dtype=np.int64)  # positions of each segment, pseudo-segments included
+    seg_pos[pad_seg] = [S - u for u in used]
+    if n:
+        real = np.ones(len(seg_ids), dtype=bool)
+        real[pad_seg] = False
+        seg_pos[real] = np.add.reduceat(count, seg_first)
+    step = count.copy()
+    lead = 0  # padding of leading empty rows
+    for r, end in enumerate(row_end):  # each row's padding comes after its last token
+        if end:
+            step[end - 1] += S - used[r]
+        else:
+            lead += S
+    pos = step.cumsum()
+    pos -= step
+    pos += lead  # first flat position of every token
 
-    # per document segment: positions, id, start (padding pseudo-segments: id -1)
-    seg_pos = np.add.reduceat(count, seg_first)
-    seg_start = seg_pos.cumsum()
-    seg_start -= seg_pos
-    seg_start -= np.asarray(seg_row, dtype=np.int64) * S  # row-relative position of each segment's start
-    seg_id = np.asarray(seg_ids, dtype=np.int64)
     shape = (b, S)
-    document_ids = seg_id.repeat(seg_pos).reshape(shape)
-    context_start = seg_start.repeat(seg_pos).reshape(shape)
-    positions = np.arange(S, dtype=np.int64)
-    for r, u in enumerate(used):  # padding sees only itself
-        context_start[r, u:] = positions[u:]
-
-    # per token
+    # per token: scattered to its first position (a frame's other positions keep the fill)
+    tokens = _filled(alloc, "tokens", shape, np.int64, pad_id)
     tok_vals = toks.astype(np.int64)
     tok_vals[frame_at] = pad_id
-    tok_vals[pseudo_at] = pad_id
-    tokens = tok_vals.repeat(count).reshape(shape)
-    labels = _skewed_empty(shape, np.int64)
+    tokens.reshape(-1)[pos] = tok_vals
+    labels = alloc("labels", shape, np.int64)
     labels[:, :-1] = tokens[:, 1:]
     labels[:, -1] = pad_id
-    block = np.full(n, -1, dtype=np.int64)
-    if n_frames:
-        frame_row = pseudo_at.searchsorted(frame_at)
-        block[frame_at] = np.arange(n_frames) - np.array([0] + row_frames[:-1])[frame_row]
-    block_ids = block.repeat(count).reshape(shape)
-    noised = block_ids >= 0  # dataset frames are all noised
-    modality = noised.astype(np.int64) if _IMAGE_IS_ONE else np.where(noised, MODALITY_IMAGE, MODALITY_TEXT)
     # CE counts at text tokens whose next token is text of the same segment: not before a frame or a segment end
     lm = np.subtract(1.0, is_frame, dtype=np.float32)
     lm[frame_at - 1] = 0.0
-    seg_first[0] = n
-    seg_last = np.array(seg_first)
+    seg_first.append(n)
+    seg_last = np.array(seg_first[1:])
     seg_last -= 1
-    lm[seg_last] = 0.0  # the last token of every segment, pseudo-tokens included
-    loss_mask = lm.repeat(count).reshape(shape)
-
-    if latent_out is not None:
-        lat_np = latent_out(n_frames * ppf, patch_dim)
+    lm[seg_last] = 0.0
+    loss_mask = _filled(alloc, "loss_mask", shape, np.float32, 0.0)
+    loss_mask.reshape(-1)[pos] = lm
+    # block ids: runs of text (-1) and frames (frame k of its row: block k), repeated over their positions
+    runs = np.full(2 * n_frames + 1, -1, dtype=np.int64)
+    bounds = np.empty(2 * n_frames + 2, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, b * S
+    if n_frames:
+        runs[1::2] = np.arange(n_frames)
+        runs[1::2] -= np.array([0] + row_frames[:-1])[np.searchsorted(row_end, frame_at, "right")]
+        bounds[1:-1:2] = pos[frame_at]
+        bounds[2:-1:2] = bounds[1:-1:2] + ppf
+    block_ids = alloc("block_ids", shape, np.int64)
+    block_ids.reshape(-1)[:] = runs.repeat(np.diff(bounds))
+    noised = np.greater_equal(block_ids, 0, out=alloc("noised", shape, bool))  # dataset frames are all noised
+    modality = alloc("modality", shape, np.int64)
+    if _IMAGE_IS_ONE:
+        np.copyto(modality, noised)
     else:
-        lat_np = np.empty((n_frames * ppf, patch_dim), dtype=np.float32)
+        modality[...] = np.where(noised, MODALITY_IMAGE, MODALITY_TEXT)
+
+    # per document segment: id and row-relative start (padding: id -1, and it sees only itself)
+    seg_start = seg_pos.cumsum()
+    seg_start -= seg_pos
+    seg_start -= np.asarray(seg_row, dtype=np.int64) * S
+    document_ids = alloc("document_ids", shape, np.int64)
+    document_ids.reshape(-1)[:] = np.asarray(seg_ids, dtype=np.int64).repeat(seg_pos)
+    context_start = alloc("context_start", shape, np.int64)
+    context_start.reshape(-1)[:] = seg_start.repeat(seg_pos)
+    positions = np.arange(S, dtype=np.int64)
+    for r, u in enumerate(used):
+        context_start[r, u:] = positions[u:]
+
+    lat = alloc("latents", (n_frames * ppf, patch_dim), np.float32)
     if n_frames:
         # step 1: every frame straight from the memory map into patchify's rows-first layout (whole latent rows)
-        rows_first = _skewed_empty((n_frames, h // patch_size, c, patch_size, w), np.float32)
+        rows_first = _scratch((n_frames, h // patch_size, c, patch_size, w), np.float32)
         f = 0
         for row in rows:
             for fr in row.frames:
@@ -283,8 +335,10 @@ def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, 
                 rows_first[f: f + k] = _rows_first(fr, patch_size)
                 f += k
         # step 2: patches into the output
-        _patches_from_rows(rows_first, patch_size, out=lat_np.reshape(n_frames, ppf, patch_dim))
-    return _batch(tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised, lat_np)
+        _patches_from_rows(rows_first, patch_size, out=lat.reshape(n_frames, ppf, patch_dim))
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "modality": modality, "block_ids": block_ids,
+            "document_ids": document_ids, "context_start": context_start, "noised": noised, "latents": lat,
+            "latent_t": _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)}
 
 
 def _skewed_empty(shape, dtype, skew: int = 1024) -> np.ndarray:
@@ -299,8 +353,19 @@ def _skewed_empty(shape, dtype, skew: int = 1024) -> np.ndarray:
     return np.empty(n + skew // itemsize, dtype=dtype)[skew // itemsize:].reshape(shape)
 
 
+_SCRATCH = [np.empty(0, dtype=np.uint8)]
+
+
+def _scratch(shape, dtype) -> np.ndarray:
+    """An uninitialised array in this process's scratch buffer (grown as needed, never shrunk): a large fresh
+    allocation would page-fault its memory in again on every call."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(_SCRATCH[0]) < nbytes:
+        _SCRATCH[0] = _skewed_empty((nbytes,), np.uint8)
+    return _SCRATCH[0][:nbytes].view(dtype).reshape(shape)
+
+
 _IMAGE_IS_ONE = MODALITY_IMAGE == 1 and MODALITY_TEXT == 0  # modality is then the noised mask as int64
-_PAD_TOKEN = np.zeros(1, dtype=np.int32)  # the padding pseudo-token's id (never read: its value is pad_id)
 
 
 def _widen(raw: np.ndarray, stored: torch.dtype) -> np.ndarray:
@@ -351,19 +416,8 @@ def unpatchify(patches: np.ndarray, p: int, channels: int, height: int, width: i
     return np.ascontiguousarray(x).reshape(f, channels, height, width)
 
 
-def _batch(tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised, lat_np) -> Batch:
-    """Wrap the numpy arrays of a micro-batch as a clean (not yet noised) Batch, without copies."""
-    lat = torch.from_numpy(lat_np)
-    return Batch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(loss_mask),
-        modality=torch.from_numpy(modality),
-        block_ids=torch.from_numpy(block_ids),
-        document_ids=torch.from_numpy(document_ids),
-        context_start=torch.from_numpy(context_start),
-        noised=torch.from_numpy(noised),
-        latents=lat,
-        noisy_latents=lat,  # the same tensor until noised (see the module docstring)
-        latent_t=torch.from_numpy(np.ones(lat_np.shape[0], dtype=np.float32)),
-    )
+def batch_from_fields(fields: Dict[str, np.ndarray]) -> Batch:
+    """Wrap the arrays of a clean (not yet noised) micro-batch as a Batch, without copies; noisy_latents is the
+    latents tensor itself (see the module docstring)."""
+    tensors = {name: torch.from_numpy(value) for name, value in fields.items()}
+    return Batch(noisy_latents=tensors["latents"], **tensors)

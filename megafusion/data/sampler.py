@@ -113,7 +113,10 @@ class PackedRowStream:
         return rows[r - self._base]
 
     def snapshot(self, r: int):
-        """A planner state from which rows r, r+1, ... are re-planned exactly (None if r is no longer covered)."""
+        """A planner state from which rows r, r+1, ... are re-planned exactly (None if r is no longer covered).
+        Plans up to row r - 1 first: with loader workers this copy of the stream plans only when asked."""
+        if 0 < r and r > self._base + len(self._planner.rows):
+            self.row(r - 1)
         best = None
         for snap in self._snapshots:
             if snap["rows"] > r:

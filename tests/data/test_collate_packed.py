@@ -1,5 +1,5 @@
 """The loader's hot path (read_row + collate_packed) against the reference path (layout_row + collate), the
-latents/noisy_latents aliasing, and BatchRing slot leasing."""
+latents/noisy_latents aliasing, and BatchRing slot writing and leasing."""
 
 import dataclasses
 import gc
@@ -11,10 +11,11 @@ from fixtures import random_docs, write_dataset
 
 from megafusion.config.schema import ObjectiveConfig
 from megafusion.data.batch import Batch
-from megafusion.data.collate import collate, collate_packed
+from megafusion.data.collate import collate, collate_packed, collate_packed_fields
 from megafusion.data.indexed import MultimodalDataset
-from megafusion.data.loader import BatchRing, MicroBatchDataset
+from megafusion.data.loader import MicroBatchDataset
 from megafusion.data.packing import RowPlanner, layout_row, read_row
+from megafusion.data.workers import BatchRing
 from megafusion.objectives.flow_matching import noise_batch
 
 SHAPE = (4, 8, 8)
@@ -56,18 +57,23 @@ def test_collate_packed_equals_collate_of_layouts(dataset, seq_length):
     assert checked > 10
 
 
-def test_collate_packed_writes_latents_into_given_array(dataset):
+def test_collate_packed_writes_every_field_into_given_arrays(dataset):
     plans = _plans(dataset, 64)[:2]
     rows = [read_row(dataset, p) for p in plans]
     given = {}
 
-    def latent_out(n, d):
-        given["array"] = np.full((n, d), np.nan, dtype=np.float32)
-        return given["array"]
+    def alloc(name, shape, dtype):
+        given[name] = np.full(shape, 7, dtype=dtype)
+        return given[name]
 
-    batch = collate_packed(rows, 64, P, PATCH_DIM, dataset.frame_token, latent_out=latent_out)
-    assert np.shares_memory(batch.latents.numpy(), given["array"])
-    assert torch.equal(batch.latents, collate_packed(rows, 64, P, PATCH_DIM, dataset.frame_token).latents)
+    fields = collate_packed_fields(rows, 64, P, PATCH_DIM, dataset.frame_token, alloc=alloc)
+    ref = collate_packed(rows, 64, P, PATCH_DIM, dataset.frame_token)
+    assert set(given) == set(fields) == {f.name for f in dataclasses.fields(Batch)} - {"noisy_latents",
+                                                                                        "velocity_target",
+                                                                                        "fm_loss_mask"}
+    for name, value in fields.items():
+        assert value is given[name]
+        assert torch.equal(torch.from_numpy(value), getattr(ref, name)), name
 
 
 def test_collate_packed_rejects_overfull_row(dataset):
@@ -89,44 +95,28 @@ def test_noisy_latents_alias_latents_until_noised(dataset):
     assert layout_batch.noisy_latents is layout_batch.latents
 
 
-def _small_batch(ds, plans):
-    return MicroBatchDataset(64, PATCH_DIM, P, datasets=[ds])[[(0, p) for p in plans]]
-
-
 def test_ring_lease_views_slot_and_frees_it_when_dropped(dataset):
-    plans = _plans(dataset, 64)[:2]
-    ref_batch = _small_batch(dataset, plans)
-    ring = BatchRing(2, MicroBatchDataset(64, PATCH_DIM, P).max_batch_bytes(2))
-    s0, s1 = ring.acquire(), ring.acquire()
-    assert ring.acquire() == -1  # both slots in flight
-    batch = ring.lease(ring.write(s0, ref_batch))
-    assert batch.noisy_latents is batch.latents  # shipped once, aliased again
+    plans = [(0, p) for p in _plans(dataset, 64)[:2]]
+    ds = MicroBatchDataset(64, PATCH_DIM, P, datasets=[dataset])
+    ring = BatchRing(2, ds.field_bytes(2))
+    s0, s1 = ring.take(0, 2), ring.take(0, 2)
+    assert ring.take(0, 2) == -1  # both slots in use
+    writer = ring.writer(s0)
+    ds.fields(plans, writer)
+    batch = ring.lease(s0, writer.table)
+    assert batch.noisy_latents is batch.latents
+    ref_batch = ds[plans]
     for f in dataclasses.fields(Batch):
         x, y = getattr(ref_batch, f.name), getattr(batch, f.name)
         assert (x is None and y is None) or torch.equal(x, y), f.name
     slot_start = ring.buffer.data_ptr() + s0 * ring.slot_bytes
-    assert slot_start <= batch.tokens.data_ptr() < slot_start + ring.slot_bytes  # a view, no copy
-    assert ring.acquire() == -1  # still leased while the caller holds the batch
+    for name in ("tokens", "latents", "latent_t"):  # views, no copy
+        assert slot_start <= getattr(batch, name).data_ptr() < slot_start + ring.slot_bytes
+    assert ring.take(0, 2) == -1  # still leased while the caller holds the batch
     kept = batch.latent_t
     del batch
     gc.collect()
-    assert ring.acquire() == -1  # one field still alive keeps the slot
+    assert ring.take(0, 2) == -1  # one field still alive keeps the slot
     del kept
     gc.collect()
-    assert ring.acquire() == s0
-    ring._release(s0)
-    ring._release(s1)
-
-
-def test_ring_write_keeps_latents_built_in_the_slot(dataset):
-    plans = _plans(dataset, 64)[:2]
-    ds = MicroBatchDataset(64, PATCH_DIM, P, datasets=[dataset])
-    ring = BatchRing(1, ds.max_batch_bytes(2))
-    slot = ring.acquire()
-    built = ds.build([(0, p) for p in plans], latent_out=lambda n, d: ring.array(slot, (n, d), np.float32))
-    ref = ring.write(slot, built)
-    offsets = {name: offset for name, _, shape, offset in ref.meta if shape is not None}
-    assert offsets["latents"] == 0
-    batch = ring.lease(ref)
-    assert torch.equal(batch.latents, ds[[(0, p) for p in plans]].latents)
-    assert torch.equal(batch.tokens, ds[[(0, p) for p in plans]].tokens)
+    assert ring.take(0, 2) == s0 and ring.take(1, 1) == -1 and s1 == 1

@@ -8,7 +8,7 @@ from unpack import segments, stitch
 
 from megafusion.config.schema import Config, DataConfig, ModelConfig, TrainingConfig
 from megafusion.data.batch import Batch
-from megafusion.data.loader import build_data_iterators
+from megafusion.data.loader import DataIterator, MicroBatchDataset, build_data_iterators
 from megafusion.data.sampler import epoch_order, split_documents
 
 SHAPE = (4, 8, 8)
@@ -69,10 +69,14 @@ def test_worker_loader_equals_in_process(folders):
     cfg2 = _cfg([path_a, path_b], workers=2)
     a = _take(build_data_iterators(cfg0, 0, 1, 0)[0], 30)
     it = build_data_iterators(cfg2, 0, 1, 0)[0]
-    b = _take(it, 30)  # more batches than ring slots: slots are reused while earlier batches are still held
-    assert it._ring.slots < 30
+    b = _take(it, 30)  # more batches than ring slots: the last ones travel by value while the others are held
+    assert it._workers.ring.slots < 30
     it.close()
     assert all(_equal(x, y) for x, y in zip(a, b))
+    one = build_data_iterators(_cfg([path_a, path_b], workers=1), 0, 1, 0)[0]
+    for x in a:  # one at a time: every batch from a slot (the same slot again and again)
+        assert _equal(x, next(one))
+    one.close()
     # synthetic data through workers too
     c = _take(build_data_iterators(_cfg([], workers=2), 0, 1, 0)[0], 5)
     assert all(_equal(x, y) for x, y in zip(c, _take(build_data_iterators(_cfg([]), 0, 1, 0)[0], 5)))
@@ -156,3 +160,15 @@ def test_resume_from_data_state_skips_replanning(folders):
     other = _cfg([folders[0], folders[2]], seq_length=64)
     fresh = build_data_iterators(other, 0, 1, 18, data_state=state)[0]
     assert all(s._base == 0 for s in fresh.source.streams)
+
+
+class _FailingRows:
+    def plan(self, index):
+        raise ValueError(f"no plan for sample {index}")
+
+
+def test_worker_error_is_raised_in_the_caller():
+    it = DataIterator(_FailingRows(), MicroBatchDataset(48, 16, 2), 2, 0, 1, 0, num_workers=1)
+    with pytest.raises(ValueError, match="no plan for sample 0"):
+        next(it)
+    it.close()

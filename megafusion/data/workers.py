@@ -1,0 +1,171 @@
+"""Background processes that build micro-batches into a shared-memory ring (data.num_workers > 0).
+
+Worker w of W builds micro-steps w, w + W, w + 2W, ... of an iterator on its own: it plans them with its copy of
+the source (a plan is a pure function of the sample index, so every copy plans the same rows), reads, patchifies
+and collates them straight into a slot of the ring (`BatchRing`), and sends only the slot's field table through
+its pipe. The caller takes the batches from the workers' pipes in turn, which is the micro-step order, as views
+of their slots (`lease`); a slot is written again once the caller has dropped every tensor of its batch. Per batch
+the training process thus unpickles a small table and wraps a few views, nothing else.
+
+Flow control: a worker builds at most PREFETCH batches ahead of the caller (a semaphore the caller releases as it
+takes one) and owns PREFETCH + HELD / W slots; while the caller holds more of its batches than that, its next
+batch travels through the pipe by value instead. In every Batch handed out, noisy_latents is latents (collate.py).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import weakref
+from typing import List, Tuple
+
+import numpy as np
+import torch
+from torch._utils import ExceptionWrapper
+
+from megafusion.data.batch import Batch
+from megafusion.data.collate import batch_from_fields
+from megafusion.data.sampler import MicroBatchSampler
+
+PREFETCH = 4  # batches a worker builds ahead of the caller
+HELD = 12  # batches the caller may hold (all workers together) before batches travel by value
+_ALIGN, _SKEW = 64, 1024  # a field starts 1 KiB past the aligned end of the previous one (collate._skewed_empty)
+
+
+class BatchRing:
+    """Shared-memory slots that workers write batches into, and a shared free flag per slot.
+
+    Handing a worker's batch over as fresh shared tensors costs the caller a file descriptor per storage, a new
+    mapping and a page fault per 4 KiB on first touch: more than building the batch. The ring is mapped once; a
+    worker `take`s a free slot of its own range and collates into it through `writer`; `lease` (caller) wraps the
+    slot as the Batch's tensors, and a finalizer on their common base sets the free flag again when the caller
+    drops the last of them.
+    """
+
+    def __init__(self, slots: int, field_bytes: List[int]):
+        self.slots = slots
+        self.slot_bytes = sum(_padded(n) for n in field_bytes)
+        self.buffer = torch.empty(slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
+        self.free = torch.ones(slots, dtype=torch.uint8).share_memory_()
+
+    def take(self, first: int, count: int) -> int:
+        """(worker) A free slot among first .. first + count - 1, now in use; -1 when the caller holds them all."""
+        free = self.free.numpy()
+        for slot in range(first, first + count):
+            if free[slot]:
+                free[slot] = 0
+                return slot
+        return -1
+
+    def writer(self, slot: int) -> "_SlotWriter":
+        return _SlotWriter(self.buffer.numpy()[slot * self.slot_bytes: (slot + 1) * self.slot_bytes])
+
+    def lease(self, slot: int, table) -> Batch:
+        """(caller) The batch `writer` wrote into `slot`, as views of the slot; the slot is freed once they are
+        all dropped."""
+        base = slot * self.slot_bytes
+        # frombuffer of a fresh memoryview: the fields' numpy base is this array, so its finalizer fires exactly
+        # when the last field tensor (torch.from_numpy keeps its array alive) is gone
+        data = np.frombuffer(memoryview(self.buffer.numpy())[base: base + self.slot_bytes], dtype=np.uint8)
+        fields = {name: data[at: at + nbytes].view(dtype).reshape(shape) for name, dtype, shape, at, nbytes in table}
+        weakref.finalize(data, self._release, slot)
+        return batch_from_fields(fields)
+
+    def _release(self, slot: int) -> None:
+        self.free.numpy()[slot] = 1
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN + _SKEW
+
+
+class _SlotWriter:
+    """The `alloc` of collate's *_fields functions for one slot: fields back to back, each at a different offset
+    within a page; `table` records where each went."""
+
+    def __init__(self, data: np.ndarray):
+        self.data, self.offset = data, 0
+        self.table: List[Tuple[str, str, Tuple[int, ...], int, int]] = []
+
+    def __call__(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        dt = np.dtype(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        at = self.offset
+        if at + nbytes > len(self.data):
+            raise RuntimeError(f"batch field {name} of {nbytes} bytes at {at} exceeds the ring slot of "
+                               f"{len(self.data)} bytes")
+        self.offset = at + _padded(nbytes)
+        self.table.append((name, dt.str, shape, at, nbytes))
+        return self.data[at: at + nbytes].view(dt).reshape(shape)
+
+
+class WorkerPool:
+    """`num_workers` processes building the micro-steps of `sampler` (from its consumed_samples on) with
+    `dataset.fields`; iterating yields their batches in micro-step order."""
+
+    def __init__(self, dataset, source, sampler: MicroBatchSampler, num_workers: int, micro_batch_size: int):
+        per_worker = PREFETCH + -(-HELD // num_workers)
+        self.ring = BatchRing(per_worker * num_workers, dataset.field_bytes(micro_batch_size))
+        ctx = multiprocessing.get_context()
+        self._credits, self._conns, self._procs = [], [], []
+        for w in range(num_workers):
+            credits = ctx.Semaphore(PREFETCH)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_work, daemon=True,
+                               args=(w, num_workers, dataset, source, sampler, self.ring, w * per_worker,
+                                     per_worker, credits, send))
+            proc.start()
+            send.close()  # the worker holds the only write end: its exit ends the pipe
+            self._credits.append(credits)
+            self._conns.append(recv)
+            self._procs.append(proc)
+        self._next = 0
+        self.close = weakref.finalize(self, _stop, self._procs)
+
+    def __iter__(self) -> "WorkerPool":
+        return self
+
+    def __next__(self) -> Batch:
+        w = self._next % len(self._procs)
+        try:
+            msg = self._conns[w].recv()
+        except EOFError:
+            self._procs[w].join(5)
+            raise RuntimeError(f"data loader worker {w} (pid {self._procs[w].pid}) exited unexpectedly with exit "
+                               f"code {self._procs[w].exitcode}") from None
+        self._credits[w].release()
+        self._next += 1
+        if isinstance(msg, ExceptionWrapper):
+            msg.reraise()
+        slot, payload = msg
+        return self.ring.lease(slot, payload) if slot >= 0 else batch_from_fields(payload)
+
+
+def _work(w: int, num_workers: int, dataset, source, sampler: MicroBatchSampler, ring: BatchRing, first_slot: int,
+          slots: int, credits, conn) -> None:
+    torch.set_num_threads(1)
+    step = sampler.consumed_samples // sampler.samples_per_micro_step + w
+    try:
+        while True:
+            credits.acquire()
+            plans = [source.plan(i) for i in sampler.indices(step)]
+            slot = ring.take(first_slot, slots)
+            if slot < 0:
+                conn.send((slot, dataset.fields(plans)))
+            else:
+                writer = ring.writer(slot)
+                dataset.fields(plans, writer)
+                conn.send((slot, writer.table))
+            step += num_workers
+    except KeyboardInterrupt:  # the caller gets it too
+        pass
+    except Exception:
+        conn.send(ExceptionWrapper(where=f"in data loader worker {w}"))
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join()
+
