@@ -168,6 +168,17 @@ def collate_fields(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: i
             "latent_t": _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)}
 
 
+def _spread(alloc: Alloc, name: str, shape, values: np.ndarray, count: np.ndarray, lead: int, used: List[int],
+            pad) -> np.ndarray:
+    """Field `name` from per-token values repeated over their positions (each row's last token also over the
+    row's padding, which is then refilled with `pad`; `lead` positions of leading empty rows come first)."""
+    out = alloc(name, shape, values.dtype)
+    out.reshape(-1)[lead:] = values.repeat(count)
+    for r, u in enumerate(used):
+        out[r, u:] = pad
+    return out
+
+
 def _filled(alloc: Alloc, name: str, shape, dtype, value) -> np.ndarray:
     out = alloc(name, shape, dtype)
     out.fill(value)
@@ -199,12 +210,11 @@ def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size
                           alloc: Alloc = new_field) -> Dict[str, np.ndarray]:
     """The arrays of `collate_packed`'s Batch by field name (noisy_latents is latents), written into `alloc`'s.
 
-    Per token of the batch's concatenated token streams: its first flat position in [b * s] (an exclusive cumsum
-    of its position count, ppf for a FRAME and 1 for text, with each row's padding added after its last token);
-    per-token fields are filled with their padding value and scattered to those positions once, frames' block ids
-    go to their ppf positions, and fields constant over a document segment repeat per-segment values (each row's
+    Each token of the batch's concatenated token streams gets a repeat count (ppf for a FRAME, 1 for text; a row's
+    last token also spans the row's padding, refilled afterwards), so `repeat` of a per-token value yields a whole
+    [b, s] field at once; fields constant over a document segment repeat per-segment values instead (each row's
     padding a pseudo-segment). Latents are float32 (16-bit storage is widened exactly) and are patchified in two
-    passes: whole latent rows from the memory map into a rows-first buffer, then patches into the `latents` array.
+    passes: whole latent rows from the memory map into a rows-first scratch buffer, then patches into `latents`.
     Few, large numpy calls: per-call overhead, not arithmetic, is what this costs.
     """
     b, S = len(rows), seq_length
@@ -263,23 +273,18 @@ def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size
         real = np.ones(len(seg_ids), dtype=bool)
         real[pad_seg] = False
         seg_pos[real] = np.add.reduceat(count, seg_first)
-    step = count.copy()
     lead = 0  # padding of leading empty rows
-    for r, end in enumerate(row_end):  # each row's padding comes after its last token
+    for r, end in enumerate(row_end):  # each row's padding is repeated after its last token, then refilled
         if end:
-            step[end - 1] += S - used[r]
+            count[end - 1] += S - used[r]
         else:
             lead += S
-    pos = step.cumsum()
-    pos -= step
-    pos += lead  # first flat position of every token
 
     shape = (b, S)
-    # per token: scattered to its first position (a frame's other positions keep the fill)
-    tokens = _filled(alloc, "tokens", shape, np.int64, pad_id)
+    # per token
     tok_vals = toks.astype(np.int64)
     tok_vals[frame_at] = pad_id
-    tokens.reshape(-1)[pos] = tok_vals
+    tokens = _spread(alloc, "tokens", shape, tok_vals, count, lead, used, pad_id)
     labels = alloc("labels", shape, np.int64)
     labels[:, :-1] = tokens[:, 1:]
     labels[:, -1] = pad_id
@@ -290,19 +295,12 @@ def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size
     seg_last = np.array(seg_first[1:])
     seg_last -= 1
     lm[seg_last] = 0.0
-    loss_mask = _filled(alloc, "loss_mask", shape, np.float32, 0.0)
-    loss_mask.reshape(-1)[pos] = lm
-    # block ids: runs of text (-1) and frames (frame k of its row: block k), repeated over their positions
-    runs = np.full(2 * n_frames + 1, -1, dtype=np.int64)
-    bounds = np.empty(2 * n_frames + 2, dtype=np.int64)
-    bounds[0], bounds[-1] = 0, b * S
-    if n_frames:
-        runs[1::2] = np.arange(n_frames)
-        runs[1::2] -= np.array([0] + row_frames[:-1])[np.searchsorted(row_end, frame_at, "right")]
-        bounds[1:-1:2] = pos[frame_at]
-        bounds[2:-1:2] = bounds[1:-1:2] + ppf
-    block_ids = alloc("block_ids", shape, np.int64)
-    block_ids.reshape(-1)[:] = runs.repeat(np.diff(bounds))
+    loss_mask = _spread(alloc, "loss_mask", shape, lm, count, lead, used, 0.0)
+    block = np.full(n, -1, dtype=np.int64)
+    if n_frames:  # frame k of its row: block k
+        block[frame_at] = np.arange(n_frames) - np.array([0] + row_frames[:-1])[np.searchsorted(row_end, frame_at,
+                                                                                                  "right")]
+    block_ids = _spread(alloc, "block_ids", shape, block, count, lead, used, -1)
     noised = np.greater_equal(block_ids, 0, out=alloc("noised", shape, bool))  # dataset frames are all noised
     modality = alloc("modality", shape, np.int64)
     if _IMAGE_IS_ONE:
