@@ -1,6 +1,6 @@
 """Benchmark: tokens/s delivered by the data loader vs a raw np.memmap read of the same bytes, in one run.
 
-    python benchmarks/loader.py [--docs 3000] [--seq-length 4096] [--workers 1] [--storage float32]
+    python benchmarks/loader.py [--docs 3000] [--seq-length 4096] [--workers 2] [--storage float32]
 
 Writes a temporary dataset folder (text-only, captioned-image, interleaved and video documents; Transfusion-like
 latents [8, 32, 32], patch 2 -> 256 patches of 32 values per image) in the docs/DATA_FORMAT.md layout, then,
@@ -133,7 +133,7 @@ def main():
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--batches", type=int, default=10, help="micro-batches per timing round")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=DataConfig.num_workers, help="default: data.num_workers")
     ap.add_argument("--channels", type=int, default=8)
     ap.add_argument("--latent-size", type=int, default=32)
     ap.add_argument("--patch-size", type=int, default=2)
@@ -176,7 +176,7 @@ def main():
             out[f"ratio_workers{workers}"] = round(float(np.median(wall_ratio)), 4)
             if workers == 0:  # CPU time is only comparable when all the work is in this process
                 out["ratio_cpu_time_workers0"] = round(float(np.median(cpu_ratio)), 4)
-            else:  # what the training process itself pays per batch (planning + receiving), workers do the rest
+            else:  # what the training process itself pays per batch (receiving, wrapping), workers do the rest
                 out[f"ratio_main_process_cpu_workers{workers}"] = round(float(np.median(cpu_ratio)), 4)
                 # the best any loader could reach: read the bytes once, then write the Batch once
                 out["ratio_bound_read_plus_output_write"] = round(float(np.median(bound)), 4)

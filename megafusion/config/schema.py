@@ -116,8 +116,8 @@ class DataConfig:
     """Blend weights, one per path (empty = proportional to size)."""
     valid_fraction: float = 0.02
     """Fraction of documents held out for validation."""
-    num_workers: int = 1
-    """Background loader processes."""
+    num_workers: int = 2
+    """Background loader processes (each plans and builds every num_workers-th micro-batch); 0 = in-process."""
     seed: int = 1234
     """Seed of the data order."""
     tokenizer_model: Optional[str] = None

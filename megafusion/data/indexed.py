@@ -18,7 +18,7 @@ latent sequences raises `DatasetFormatError` naming the document.
 
 Readers: `tokens(doc, start, end)` (int32 view), `frames_f32(doc, first, count)` ([count, C, H, W] float32, what
 the packer uses) and `document(doc)` (tokens plus latents as a torch tensor in the stored dtype, bfloat16 viewed
-back from its uint16 bits). The object pickles by path, so DataLoader workers re-open the memory maps cheaply.
+back from its uint16 bits). The object pickles by path, so loader workers (under spawn) re-open the memory maps cheaply.
 """
 
 from __future__ import annotations
