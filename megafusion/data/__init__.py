@@ -9,6 +9,7 @@
   sampler.py         train/valid split, per-epoch order, packed row streams, DP micro-batches, resume
   blending.py        weighted interleaving of datasets (megatron's blending index)
   loader.py          build_data_iterators(cfg, dp_rank, dp_size, consumed_samples) with background workers
+  workers.py         background processes that plan and build batches into a shared-memory ring
 
 The package import stays light (no megatron import); `build_data_iterators` is loaded on first use.
 """
