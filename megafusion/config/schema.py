@@ -14,6 +14,9 @@ from typing import List, Optional
 
 ATTENTION_BACKENDS = ("auto", "dense", "segmented", "flex", "te")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+MOE_MODALITIES = ("text", "image")
+MOE_LOAD_BALANCING = ("aux_loss", "none")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -23,6 +26,54 @@ def _check(condition: bool, message: str) -> None:
 
 def _choice(section: str, name: str, value, choices) -> None:
     _check(value in choices, f"{section}.{name}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (the model.moe section); field names follow Megatron-LM's --moe-*
+    flags. Each modality in `modalities` gets its own experts and router in every layer (megatron's MoELayer in
+    that modality's slot of the modality FFN); the other modality keeps its dense FFN."""
+
+    num_experts: Optional[int] = None
+    """Routed experts per modality and layer (--num-experts); None or 0 = dense FFNs. Must be divisible by
+    parallel.expert_model_parallel_size, which spreads them over ranks."""
+    modalities: List[str] = field(default_factory=lambda: list(MOE_MODALITIES))
+    """Modalities whose FFN is an MoE layer: any of text, image (needs model.modality_ffn=true)."""
+    router_topk: int = 2
+    """Experts each token is routed to (--moe-router-topk), at most num_experts."""
+    ffn_hidden_size: Optional[int] = None
+    """Hidden size of one expert (--moe-ffn-hidden-size); None = the dense FFN width (model.ffn_hidden_size)."""
+    router_load_balancing_type: str = "aux_loss"
+    """aux_loss (Switch-Transformer load-balancing loss per micro-batch, added to the objective with
+    aux_loss_coeff and logged as moe_aux_loss) | none (--moe-router-load-balancing-type)."""
+    aux_loss_coeff: float = 1e-2
+    """Weight of the load-balancing loss in the training objective (--moe-aux-loss-coeff)."""
+    token_dispatcher_type: str = "alltoall"
+    """How tokens reach the experts' ranks (--moe-token-dispatcher-type): alltoall | allgather."""
+    grouped_gemm: bool = False
+    """One grouped GEMM over a rank's experts (Transformer Engine's TEGroupedMLP, GPU; needs
+    model.transformer_impl=transformer_engine); false = megatron's SequentialMLP, one GEMM per expert (CPU too)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.num_experts)
+
+    def __post_init__(self):
+        s = "model.moe"
+        _check(self.num_experts is None or self.num_experts >= 0,
+               f"{s}.num_experts={self.num_experts} must be >= 0 (0 or null = dense FFNs)")
+        modalities = list(self.modalities)
+        _check(modalities and len(set(modalities)) == len(modalities) and set(modalities) <= set(MOE_MODALITIES),
+               f"{s}.modalities={modalities} must be a non-empty list of distinct names from {list(MOE_MODALITIES)}")
+        _check(self.router_topk >= 1, f"{s}.router_topk must be >= 1, got {self.router_topk}")
+        if self.enabled:
+            _check(self.router_topk <= self.num_experts,
+                   f"{s}.router_topk={self.router_topk} exceeds num_experts={self.num_experts}")
+        _check(self.ffn_hidden_size is None or self.ffn_hidden_size > 0,
+               f"{s}.ffn_hidden_size must be positive or null, got {self.ffn_hidden_size}")
+        _choice(s, "router_load_balancing_type", self.router_load_balancing_type, MOE_LOAD_BALANCING)
+        _check(self.aux_loss_coeff >= 0, f"{s}.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+        _choice(s, "token_dispatcher_type", self.token_dispatcher_type, MOE_DISPATCHERS)
 
 
 @dataclass
@@ -78,6 +129,8 @@ class ModelConfig:
     """BAGEL-style: noised latent positions are invisible to every later position outside their block."""
     transformer_impl: str = "auto"
     """local (megatron's torch layers) | transformer_engine | auto (TE when it imports)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts FFNs per modality (off unless model.moe.num_experts is set)."""
 
     def __post_init__(self):
         s = "model"
@@ -96,6 +149,12 @@ class ModelConfig:
         _choice(s, "activation", self.activation, ("swiglu", "gelu"))
         _choice(s, "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice(s, "transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        if self.moe.enabled:
+            _check(self.modality_ffn, "model.moe.num_experts is set but model.modality_ffn=false: MoE experts are "
+                   "per modality; set model.modality_ffn=true")
+            _check(not (self.moe.grouped_gemm and self.transformer_impl == "local"),
+                   "model.moe.grouped_gemm=true needs model.transformer_impl=transformer_engine (TEGroupedMLP); "
+                   "set model.moe.grouped_gemm=false for megatron's SequentialMLP")
 
     @property
     def patch_dim(self) -> int:
@@ -176,7 +235,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """Interleaved virtual stages per pipeline rank."""
     expert_model_parallel_size: int = 1
-    """EP degree (MoE)."""
+    """EP degree: each MoE layer's experts are split over this many data-parallel ranks (needs model.moe; must
+    divide model.moe.num_experts and the data-parallel size)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: activations outside attention and the FFNs are split along the sequence
     across the TP group (needs TP > 1 and data.seq_length divisible by TP; CPU and GPU, local or TE layers)."""
@@ -329,7 +389,23 @@ class Config:
             _check(self.data.seq_length % tp == 0,
                    f"parallel.sequence_parallel=true splits the sequence over TP: data.seq_length="
                    f"{self.data.seq_length} must be divisible by tensor_model_parallel_size={tp}")
+        self._check_moe()
         frame = m.patches_per_frame + 2  # BOI + patches + EOI
         _check(frame <= self.data.seq_length,
                f"one image needs {frame} positions (model.latent_size/patch_size squared + BOI/EOI) but "
                f"data.seq_length={self.data.seq_length}; raise data.seq_length or model.patch_size")
+
+    def _check_moe(self):
+        moe, ep, tp = self.model.moe, self.parallel.expert_model_parallel_size, self.parallel.tensor_model_parallel_size
+        if not moe.enabled:
+            _check(ep == 1, f"parallel.expert_model_parallel_size={ep} needs MoE layers: set model.moe.num_experts "
+                   f"(a multiple of {ep})")
+            return
+        _check(moe.num_experts % ep == 0, f"model.moe.num_experts={moe.num_experts} is not divisible by "
+               f"parallel.expert_model_parallel_size={ep}")
+        # megatron's MoE layer wants TP > 1 with sequence parallelism (each TP rank routes its own slice of the
+        # tokens); the modality FFN hands its submodules the whole gathered sequence, so every TP rank would
+        # route the same tokens.
+        _check(tp == 1, f"model.moe with parallel.tensor_model_parallel_size={tp} is not supported yet (the modality "
+               "FFN gives MoE layers the whole sequence on every tensor-parallel rank); scale MoE models with "
+               "parallel.expert_model_parallel_size, data and pipeline parallelism")

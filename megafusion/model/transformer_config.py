@@ -7,12 +7,13 @@ it; megatron modules read their usual fields, megafusion modules read the extra 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megafusion.config.schema import Config
+from megafusion.config.schema import Config, MoEConfig
 
 
 @dataclass
@@ -41,6 +42,9 @@ class MultimodalTransformerConfig(TransformerConfig):
     """Tie the LM head to the token embedding."""
     transformer_impl: str = "local"
     """local (megatron's torch layers) or transformer_engine; resolved from model.transformer_impl (never auto)."""
+    moe_modalities: Tuple[str, ...] = ()
+    """Modalities (text, image) whose FFN is megatron's MoE layer (model.moe.modalities); empty = dense FFNs.
+    The MoE fields themselves are megatron's (num_moe_experts, moe_router_topk, ...)."""
 
     @property
     def patch_dim(self) -> int:
@@ -72,12 +76,14 @@ def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True
     bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and torch.cuda.is_available())
     swiglu = m.activation == "swiglu"
     recompute = {"none": None, "selective": "selective", "full": "full"}[cfg.training.recompute]
+    ffn_hidden_size = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation)
+    transformer_impl = resolve_transformer_impl(m.transformer_impl)
     return MultimodalTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation),
+        ffn_hidden_size=ffn_hidden_size,
         kv_channels=m.kv_channels,
         normalization=m.normalization,
         gated_linear_unit=swiglu,
@@ -115,7 +121,30 @@ def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True
         rotary_base=m.rotary_base,
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
         share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-        transformer_impl=resolve_transformer_impl(m.transformer_impl),
+        transformer_impl=transformer_impl,
+        **moe_fields(m.moe, ffn_hidden_size, transformer_impl),
+    )
+
+
+def moe_fields(moe: MoEConfig, ffn_hidden_size: int, transformer_impl: str) -> dict:
+    """model.moe -> megatron's TransformerConfig MoE fields (nothing for dense FFNs, leaving megatron's defaults)."""
+    if not moe.enabled:
+        return {}
+    if moe.grouped_gemm and transformer_impl != "transformer_engine":
+        raise ValueError(
+            f"model.moe.grouped_gemm=true needs Transformer Engine (TEGroupedMLP), but model.transformer_impl resolved "
+            f"to {transformer_impl!r}; set model.moe.grouped_gemm=false (megatron's SequentialMLP)"
+        )
+    balancing = moe.router_load_balancing_type
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_modalities=tuple(moe.modalities),
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size or ffn_hidden_size,
+        moe_router_load_balancing_type=balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if balancing == "aux_loss" else 0.0,
+        moe_token_dispatcher_type=moe.token_dispatcher_type,
+        moe_grouped_gemm=moe.grouped_gemm,
     )
 
 
