@@ -8,13 +8,16 @@ Each modality's rows of the hidden states are gathered, run through that modalit
 Which rows belong to which modality comes from the AttentionLayout (`modality_rows`, cached once per batch), which
 MultimodalTransformerLayer hands to the MLP through megatron's `padding_mask` channel (so it also survives
 megatron's MLP recompute, a functools.partial closure). A modality's submodule is any megatron module built from a
-ModuleSpec that returns (output, bias): a megatron MLP today, megatron's MoE layer tomorrow. Submodules receive
-their rows as [1, n, h] (n one-token sequences; megatron's linears and MoE flatten the two leading dims alike)
-with a matching [b, s] = [n, 1] padding mask (True = padding) for MoE routing statistics. [1, n, h] rather than
+ModuleSpec that returns (output, bias): a dense megatron MLP, or megatron's MoE layer (model.moe;
+megafusion/model/moe.py), so each modality has its own experts and router. Submodules receive their rows as
+[1, n, h] (n one-token sequences; megatron's linears and MoE flatten the two leading dims alike) with a matching
+[b, s] = [n, 1] padding mask (True = padding) that keeps padding out of the MoE load-balancing statistics. [1, n, h] rather than
 [n, 1, h]: on CPU, silu_backward over SwiGLU's chunked [n, 1, 2f] fc1 output takes a slow strided path (measured
 251 ms vs 35 ms per training step at d=512, 8 layers, S=512, b=2; benchmarks/train_step.py).
-Every submodule runs on every micro-batch, even on zero rows, so collectives inside it (TP, EP) and gradient
-hooks fire identically on all ranks.
+Every submodule runs on every micro-batch, so collectives inside it (TP, EP token dispatch) and gradient hooks
+fire identically on all ranks; a modality with zero rows (a text-only batch) runs one padding row instead, and
+MoE layers may get more padding rows (megafusion/model/moe.py rows_to_run: megatron's router cannot reshape an
+empty batch, its allgather dispatcher needs equal row counts on every expert-parallel rank).
 
 Sequence parallelism: a rank holds [s/tp, b, h], and the modality rows of its slice differ in number from the
 other ranks', which megatron's sequence-parallel linears (equal-sized all-gathers) cannot take. So the whole
@@ -26,6 +29,7 @@ and reduce-scatters after fc2; this costs one extra all-gather per FFN in each d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -39,6 +43,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megafusion.data.batch import MODALITY_IMAGE, MODALITY_TEXT
 from megafusion.model.attention.layout import AttentionLayout
+from megafusion.model.moe import rows_to_run, without_router_losses
 
 
 @dataclass
@@ -114,11 +119,17 @@ class ModalityMLP(MegatronModule):
         outputs = []
         for modality, module in self.branches():
             rows = layout.modality_rows(modality)
-            x = flat.index_select(0, rows).unsqueeze(0)  # [1, n, h]: n one-token sequences
-            out, bias = module(x, padding_mask=_row_padding(layout, modality).unsqueeze(1))
+            x, padding = flat.index_select(0, rows), _row_padding(layout, modality)
+            n = rows.numel()
+            extra = rows_to_run(module, n, layout, modality) - n
+            if extra:  # padding rows for MoE dispatch (megafusion/model/moe.py); their outputs are dropped below
+                x = torch.cat([x, x.new_zeros(extra, h)])
+                padding = torch.cat([padding, padding.new_ones(extra)])
+            with without_router_losses(module) if n == 0 else contextlib.nullcontext():
+                out, bias = module(x.unsqueeze(0), padding_mask=padding.unsqueeze(1))  # [1, n, h]: n one-token seqs
             if bias is not None:
                 out = out + bias
-            outputs.append(out.reshape(-1, out.shape[-1]))
+            outputs.append(out.reshape(-1, out.shape[-1])[:n])
         # one gather puts the concatenated branch outputs back in [s*b] order
         merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout)).view(s, b, -1)
         if self.config.sequence_parallel:

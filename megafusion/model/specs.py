@@ -8,8 +8,9 @@ get_gpt_layer_with_transformer_engine_spec, with three changes:
 - core attention is HybridCoreAttention (causal text, bidirectional visual blocks; megafusion/model/attention);
 - with `config.modality_ffn`, the MLP slot is a ModalityMLP holding one FFN spec per modality. The pre-FFN norm
   stays shared (one `pre_mlp_layernorm`, also with TE, where it is a TENorm before a plain TE column-parallel fc1),
-  so local and TE checkpoints keep the same parameter names. `get_modality_mlp_spec(..., image=<spec>)` lets a
-  caller swap one modality's FFN for another spec, e.g. megatron's MoE layer spec.
+  so local and TE checkpoints keep the same parameter names. A modality listed in `config.moe_modalities`
+  (model.moe) gets megatron's MoE layer (megafusion/model/moe.py), the others a dense MLP;
+  `get_modality_mlp_spec(..., image=<spec>)` lets a caller put any other spec in a modality's slot.
 
 `get_block_spec` pairs the layers with a final norm of the same implementation (megatron's default block picks
 TENorm / apex / torch by what happens to be installed, whatever the layers use). Local norms are LocalNorm
@@ -34,6 +35,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 
 from megafusion.model.attention.core_attention import HybridCoreAttention
 from megafusion.model.modality_mlp import ModalityMLP, ModalityMLPSubmodules
+from megafusion.model.moe import get_moe_spec
 from megafusion.model.norm import LocalNorm
 from megafusion.model.transformer_layer import MultimodalSelfAttention, MultimodalTransformerLayer
 
@@ -80,14 +82,22 @@ def get_mlp_spec(config, use_te: bool, fuse_norm: bool = False) -> ModuleSpec:
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=backend.row))
 
 
+def get_ffn_spec(config, use_te: bool, modality: str) -> ModuleSpec:
+    """The FFN of one modality's slot: megatron's MoE layer if config.moe_modalities names it, else a dense MLP
+    without a fused norm."""
+    if modality in getattr(config, "moe_modalities", ()):
+        return get_moe_spec(config, use_te, modality)
+    return get_mlp_spec(config, use_te)
+
+
 def get_modality_mlp_spec(config, use_te: bool, text: Optional[ModuleSpec] = None,
                           image: Optional[ModuleSpec] = None) -> ModuleSpec:
-    """ModalityMLP with one FFN per modality; each defaults to a dense MLP without a fused norm."""
+    """ModalityMLP with one FFN per modality; each defaults to get_ffn_spec's (dense or MoE, from config)."""
     return ModuleSpec(
         module=ModalityMLP,
         submodules=ModalityMLPSubmodules(
-            text=text if text is not None else get_mlp_spec(config, use_te),
-            image=image if image is not None else get_mlp_spec(config, use_te),
+            text=text if text is not None else get_ffn_spec(config, use_te, "text"),
+            image=image if image is not None else get_ffn_spec(config, use_te, "image"),
         ),
     )
 
