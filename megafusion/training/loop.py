@@ -33,6 +33,7 @@ from megafusion.parallel.wrapping import use_bf16, wrap_model
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
 from megafusion.training.forward_step import average_reports, make_forward_step, noisy_microbatches
 from megafusion.training.metrics import MetricsWriter, format_line, resolve_peak_flops
+from megafusion.training.moe_metrics import MoEAuxLossMeter
 from megafusion.training.nan_guard import NanGuard
 from megafusion.training.optimizer import build_lr_scheduler, build_optimizer
 from megafusion.training.signals import StopSignal
@@ -75,6 +76,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.model_config = self.model[0].config
         self.model_config.grad_scale_func = self.optimizer.scale_loss
+        self.moe_aux_loss = MoEAuxLossMeter(self.model_config, info.dp_size, info.device)
         mix = TokenMix.estimate(cfg, latent_fraction=0.5)
         self.flops_per_step = flops_per_step(build_transformer_config(cfg), mix)
         self.total_steps = t.train_steps if t.train_steps is not None else steps_from_flops_budget(
@@ -154,6 +156,7 @@ class Trainer:
         grad_norm = self.optimizer.get_grad_norm()
         local_losses = {k: r[k] for r in reports for k in ("loss_ce", "loss_fm", "loss")}
         values = self._global(reports)
+        values.update(self.moe_aux_loss.collect(len(batches)))
         self.state.step += 1
         self.state.consumed_samples += self.cfg.training.global_batch_size
         if self.guard.check(self.state.step, local_losses, grad_norm):

@@ -89,7 +89,8 @@ def _plain(value):
 
 def format_line(step: int, total: int, values: Dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
-    for key in ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "grad_norm", "lr", "tokens_per_s", "mfu"):
+    for key in ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "moe_aux_loss", "grad_norm", "lr",
+                "tokens_per_s", "mfu"):
         if key in values and values[key] is not None:
             v = _plain(values[key])
             parts.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
