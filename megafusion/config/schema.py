@@ -40,7 +40,8 @@ class MoEConfig:
     modalities: List[str] = field(default_factory=lambda: list(MOE_MODALITIES))
     """Modalities whose FFN is an MoE layer: any of text, image (needs model.modality_ffn=true)."""
     router_topk: int = 2
-    """Experts each token is routed to (--moe-router-topk), at most num_experts."""
+    """Experts each token is routed to (--moe-router-topk), at most num_experts; with 1 the softmax is taken
+    before the top-k (--moe-router-pre-softmax, which megatron requires for top-1)."""
     ffn_hidden_size: Optional[int] = None
     """Hidden size of one expert (--moe-ffn-hidden-size); None = the dense FFN width (model.ffn_hidden_size)."""
     router_load_balancing_type: str = "aux_loss"

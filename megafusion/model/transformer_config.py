@@ -140,6 +140,8 @@ def moe_fields(moe: MoEConfig, ffn_hidden_size: int, transformer_impl: str) -> d
         num_moe_experts=moe.num_experts,
         moe_modalities=tuple(moe.modalities),
         moe_router_topk=moe.router_topk,
+        # top-1 after the softmax would gate every token by exactly 1 (no router gradient); megatron requires this
+        moe_router_pre_softmax=moe.router_topk == 1,
         moe_ffn_hidden_size=moe.ffn_hidden_size or ffn_hidden_size,
         moe_router_load_balancing_type=balancing,
         moe_aux_loss_coeff=moe.aux_loss_coeff if balancing == "aux_loss" else 0.0,

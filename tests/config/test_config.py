@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from megafusion.config import Config, load_config, to_yaml
 from megafusion.config.loading import _read_yaml
@@ -63,3 +64,44 @@ def test_sequence_parallel_needs_tp_and_a_divisible_sequence(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         load_config("tiny", overrides)
     assert load_config("tiny", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"])
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["parallel.expert_model_parallel_size=2"], "expert_model_parallel_size=2 needs MoE layers"),
+        (["model.moe.num_experts=3", "parallel.expert_model_parallel_size=2"], "num_experts=3 is not divisible"),
+        (["model.moe.num_experts=2", "model.moe.router_topk=3"], "router_topk=3 exceeds num_experts=2"),
+        (["model.moe.modalities=[video]"], r"model\.moe\.modalities"),
+        (["model.moe.token_dispatcher_type=flex"], r"model\.moe\.token_dispatcher_type"),
+        (["model.moe.router_load_balancing_type=seq_aux_loss"], r"model\.moe\.router_load_balancing_type"),
+        (["model.moe.num_experts=4", "model.modality_ffn=false"], r"model\.modality_ffn=true"),
+        (["model.moe.num_experts=4", "parallel.tensor_model_parallel_size=2"], "expert_model_parallel_size"),
+        (["model.moe.num_experts=4", "model.moe.grouped_gemm=true", "model.transformer_impl=local"],
+         r"model\.moe\.grouped_gemm=false"),
+    ],
+)
+def test_moe_settings_are_validated_by_field(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_config("tiny", overrides)
+
+
+def test_moe_maps_onto_megatron_fields():
+    from megafusion.model.transformer_config import build_transformer_config
+
+    dense = build_transformer_config(load_config("tiny"))
+    assert dense.num_moe_experts is None and dense.moe_modalities == ()
+    cfg = load_config("tiny", ["model.moe.num_experts=8", "model.moe.modalities=[image]", "model.moe.router_topk=1",
+                               "model.moe.token_dispatcher_type=allgather", "parallel.expert_model_parallel_size=2"])
+    config = build_transformer_config(cfg)
+    assert (config.num_moe_experts, config.moe_modalities, config.moe_router_topk) == (8, ("image",), 1)
+    assert config.moe_router_pre_softmax  # megatron requires it for top-1
+    assert config.moe_ffn_hidden_size == config.ffn_hidden_size == 128  # experts default to the dense FFN width
+    assert (config.moe_router_load_balancing_type, config.moe_aux_loss_coeff) == ("aux_loss", 1e-2)
+    assert config.moe_token_dispatcher_type == "allgather" and config.expert_model_parallel_size == 2
+    off = build_transformer_config(load_config("tiny", ["model.moe.num_experts=8",
+                                                        "model.moe.router_load_balancing_type=none"]))
+    assert off.moe_aux_loss_coeff == 0.0
+    if not torch.cuda.is_available():  # auto resolves to local torch layers: no grouped GEMM
+        with pytest.raises(ValueError, match="model.moe.grouped_gemm"):
+            build_transformer_config(load_config("tiny", ["model.moe.num_experts=8", "model.moe.grouped_gemm=true"]))

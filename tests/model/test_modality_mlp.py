@@ -1,5 +1,6 @@
 """ModalityMLP: rows go to their modality's FFN and come back in place; biases are added inside; any submodule
-returning (output, bias) can fill a modality's slot (the hook a later MoE image FFN uses)."""
+returning (output, bias) can fill a modality's slot; with model.moe a modality's slot is megatron's MoE layer with
+its own experts and router, which also runs (and balances nothing) on a batch without that modality's rows."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from distributed import megatron_single_process
-from megafusion.config.schema import Config, DataConfig, ModelConfig, TrainingConfig
+from megafusion.config.schema import Config, DataConfig, ModelConfig, MoEConfig, TrainingConfig
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 from megafusion.model.attention.layout import AttentionLayout
 from megafusion.model.modality_mlp import ModalityMLP
+from megafusion.model.moe import ModalityRouter, aux_loss_tracker_name
+from megafusion.parallel.cpu_compat import disable_cpu_compat, enable_cpu_compat
 from megafusion.model.specs import get_layer_spec, get_mlp_spec, get_modality_mlp_spec
 from megafusion.model.transformer_config import build_transformer_config
 
@@ -22,8 +31,22 @@ SEQ, BATCH = 64, 3
 
 @pytest.fixture(scope="module", autouse=True)
 def _megatron_single_process():
-    with megatron_single_process():
-        yield
+    # megatron's MoE router moves its weight to torch.cuda.current_device() and needs cpu_compat F without TE;
+    # forced so these CPU tensors stay on the CPU on a GPU machine too
+    active = enable_cpu_compat(force=True)
+    try:
+        with megatron_single_process():
+            yield
+    finally:
+        if active:
+            disable_cpu_compat()
+
+
+def moe(**fields):
+    # allgather: with one expert-parallel rank a local permutation, on CPU tensors on any machine
+    values = dict(num_experts=4, router_topk=2, ffn_hidden_size=16, token_dispatcher_type="allgather")
+    values.update(fields)
+    return MoEConfig(**values)
 
 
 def make_config(**model):
@@ -34,8 +57,8 @@ def make_config(**model):
     return build_transformer_config(cfg)
 
 
-def make_layout(config, seed=0):
-    spec = SyntheticSpec(config.vocab_size, SEQ, config.patch_dim, 4, kind="mixed", fill=0.9)
+def make_layout(config, seed=0, kind="mixed"):
+    spec = SyntheticSpec(config.vocab_size, SEQ, config.patch_dim, 4, kind=kind, fill=0.9)
     batch = SyntheticDocuments(spec, seed=seed).batch(BATCH)
     return AttentionLayout.from_batch(batch)
 
@@ -55,9 +78,10 @@ def reference(mlp: ModalityMLP, hidden: torch.Tensor, layout: AttentionLayout) -
     return torch.where(image, outs[1], outs[0])
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_rows_use_their_modality_ffn(bias):
-    config = make_config(add_bias_linear=bias)
+@pytest.mark.parametrize("bias, moe_config", [(False, MoEConfig()), (True, MoEConfig()), (False, moe())])
+def test_rows_use_their_modality_ffn(bias, moe_config):
+    """Dropless top-k routing is per token, so an MoE FFN applied to the whole tensor is a valid reference too."""
+    config = make_config(add_bias_linear=bias, moe=moe_config)
     mlp = build_mlp(config)
     if bias:  # megatron zero-initialises biases; make them matter
         with torch.no_grad():
@@ -72,19 +96,21 @@ def test_rows_use_their_modality_ffn(bias):
     assert torch.allclose(out, reference(mlp, hidden, layout), atol=1e-6)
 
 
-def test_perturbing_one_modality_changes_only_its_rows():
-    config = make_config()
+@pytest.mark.parametrize("moe_config", [MoEConfig(), moe(modalities=["image"]), moe()])
+@pytest.mark.parametrize("perturbed", ["image", "text"])
+def test_perturbing_one_modality_changes_only_its_rows(moe_config, perturbed):
+    config = make_config(moe=moe_config)
     mlp = build_mlp(config)
     layout = make_layout(config)
-    image = (layout.modality.transpose(0, 1) == 1)  # [s, b]
+    rows = layout.modality.transpose(0, 1) == (1 if perturbed == "image" else 0)  # [s, b]
     hidden = torch.randn(SEQ, BATCH, config.hidden_size)
     with torch.no_grad():
         base, _ = mlp(hidden, padding_mask=layout)
-        for p in mlp.image.parameters():
+        for p in getattr(mlp, perturbed).parameters():  # MoE: router and experts
             p.mul_(1.5)
         after, _ = mlp(hidden, padding_mask=layout)
     changed = (after - base).abs().amax(-1) > 0
-    assert torch.equal(changed, image)
+    assert torch.equal(changed, rows)
 
 
 def test_gradients_reach_only_the_ffn_of_the_rows_in_the_loss():
@@ -135,3 +161,57 @@ def test_layer_spec_selects_modality_or_plain_ffn_and_shared_norm():
     assert plain.submodules.mlp.module is MLP
     assert "pre_mlp_layernorm." not in with_modality.submodules.sharded_state_dict_keys_map
     assert plain.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"
+
+
+def test_moe_spec_per_modality():
+    mlp = build_mlp(make_config(moe=moe(modalities=["image"])))
+    assert type(mlp.text) is MLP and isinstance(mlp.image, MoELayer)
+    assert isinstance(mlp.image.router, ModalityRouter) and mlp.image.router.modality == "image"
+    assert len(mlp.image.experts.local_experts) == 4
+    assert mlp.image.experts.local_experts[0].linear_fc1.weight.shape[0] == 2 * 16  # SwiGLU: gate and up
+
+
+def test_moe_without_image_rows_runs_and_balances_only_text():
+    """A text-only batch: the image MoE runs one padding row (every rank enters its collectives), the output and
+    gradients match the text FFN alone, image experts get zero gradients and no balancing loss is recorded."""
+    config = make_config(moe=moe(aux_loss_coeff=0.1))
+    mlp = build_mlp(config)
+    mlp.set_layer_number(1)
+    layout = make_layout(config, kind="text")
+    assert layout.modality_rows(1).numel() == 0
+    clear_aux_losses_tracker()
+    hidden = torch.randn(SEQ, BATCH, config.hidden_size, requires_grad=True)
+    out, _ = mlp(hidden, padding_mask=layout)
+    out.square().sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+    assert all(p.grad is not None and not p.grad.any() for p in mlp.image.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in mlp.text.parameters())
+    tracker = get_moe_layer_wise_logging_tracker()
+    assert tracker[aux_loss_tracker_name("text")]["values"][0] >= 1.0  # the Switch loss is >= 1
+    image = tracker.get(aux_loss_tracker_name("image"))
+    assert image is None or not image["values"].any()
+    assert torch.allclose(out, reference(mlp, hidden, layout), atol=1e-6)
+
+
+@pytest.mark.parametrize("balancing, coeff", [("aux_loss", 0.1), ("aux_loss", 0.2), ("none", 0.1)])
+def test_balancing_loss_reaches_router_gradients(balancing, coeff):
+    """With no gradient from the output, the routers' gradients come from the balancing loss alone: coeff times
+    the loss's gradient (megatron's MoEAuxLossAutoScaler; the schedule sets its scale, here 1)."""
+    config = make_config(moe=moe(router_load_balancing_type=balancing, aux_loss_coeff=coeff))
+    mlp = build_mlp(config)
+    mlp.set_layer_number(1)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(()))
+    out, _ = mlp(torch.randn(SEQ, BATCH, config.hidden_size), padding_mask=make_layout(config))
+    (out * 0).sum().backward()
+    for branch in (mlp.text, mlp.image):
+        grad = branch.router.weight.grad
+        if balancing == "none":
+            assert not grad.any()
+        else:
+            assert grad.abs().sum() > 0
+            per_unit = grad / coeff
+            _GRAD_PER_COEFF.setdefault(branch.router.modality, per_unit)
+            assert torch.allclose(per_unit, _GRAD_PER_COEFF[branch.router.modality], rtol=1e-5, atol=1e-9)
+
+
+_GRAD_PER_COEFF = {}

@@ -72,3 +72,17 @@ def test_expert_parallel_matches_single_process(moe_reference, dispatcher):
     tmp, common, single = moe_reference
     layout = ["parallel.expert_model_parallel_size=2", f"model.moe.token_dispatcher_type={dispatcher}"]
     _assert_same(single, run_train(tmp, f"ep2_{dispatcher}", common + layout, world_size=2), MOE_KEYS)
+
+
+def test_expert_parallel_resume_matches_single_process(moe_reference, tmp_path):
+    """EP=2 saves (model with its experts sharded over ranks, distributed optimizer state) after step 1 and resumes;
+    steps 2 and 3 still match the uninterrupted single-process run (step 3's loss depends on the restored Adam
+    state through step 2's update)."""
+    tmp, common, single = moe_reference
+    layout = ["parallel.expert_model_parallel_size=2", f"checkpoint.save_dir={tmp_path}/ckpt"]
+    first = run_train(tmp_path, "ep2_first", common + layout + ["training.exit_interval=1"], world_size=2)
+    assert [r["step"] for r in first] == [1]
+    resume = ["checkpoint.load=auto", "checkpoint.load_optimizer=true"]
+    second = run_train(tmp_path, "ep2_second", common + layout + resume, world_size=2)
+    assert [r["step"] for r in second] == [2, 3]
+    _assert_same(single, first + second, MOE_KEYS)
