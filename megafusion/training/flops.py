@@ -17,7 +17,8 @@ size, a = num_attention_heads * kv_channels (= h unless kv_channels is set), g =
     N_active (per token, per layer, summed over L) = attention projections  h*a + 2*h*g + a*h
                                                    + FFN  m*h*f              (m = 3 for SwiGLU, 2 for GELU)
       with per-modality FFNs a token runs only its modality's FFN, so the FFN counts once per token;
-      with MoE (num_moe_experts set): router h*E + topk * m*h*f_expert (+ m*h*f_shared for shared experts).
+      with MoE (num_moe_experts set): router h*E + topk * m*h*f_expert (+ m*h*f_shared for shared experts),
+      for the tokens of the modalities in config.moe_modalities (model.moe.modalities); the others run dense FFNs.
 
 It counts model FLOPs (what MFU uses): activation recompute, elementwise ops (norms, activations, softmax, RoPE),
 embedding lookups and the per-image timestep MLP (O(blocks), not O(tokens)) are left out. Every position of the
@@ -85,11 +86,14 @@ class TokenMix:
                    attended_keys=docs * keys_per_doc)
 
 
-def _ffn_params_per_token(config) -> float:
+def _ffn_params_per_token(config, modality: str) -> float:
+    """Per-layer FFN parameters one token of `modality` runs: its MoE layer if config.moe_modalities names it (a
+    plain megatron config without that field: MoE everywhere when num_moe_experts is set), else the dense FFN."""
     h = config.hidden_size
     m = 3 if getattr(config, "gated_linear_unit", False) else 2
     experts = getattr(config, "num_moe_experts", None)
-    if not experts:
+    moe_modalities = getattr(config, "moe_modalities", None)
+    if not experts or (moe_modalities is not None and modality not in moe_modalities):
         return m * h * config.ffn_hidden_size
     topk = config.moe_router_topk
     f_expert = getattr(config, "moe_ffn_hidden_size", None) or config.ffn_hidden_size
@@ -117,9 +121,10 @@ def flops_per_step(config, mix: TokenMix, vocab_size: Optional[int] = None) -> f
     a = config.num_attention_heads * head_dim
     g = (config.num_query_groups or config.num_attention_heads) * head_dim
     attn_params = h * a + 2 * h * g + a * h
-    n_active = layers * (attn_params + _ffn_params_per_token(config))
+    ffn = mix.text_tokens * _ffn_params_per_token(config, "text") + mix.latent_tokens * _ffn_params_per_token(
+        config, "image")
     vocab = vocab_size if vocab_size is not None else _padded_vocab(config)
-    dense = 6.0 * n_active * mix.tokens
+    dense = 6.0 * layers * (attn_params * mix.tokens + ffn)
     attention = 12.0 * layers * a * mix.attended_keys
     lm_head = 6.0 * vocab * h * mix.text_tokens
     latent_io = 6.0 * 2 * config.patch_dim * h * mix.latent_tokens

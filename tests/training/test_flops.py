@@ -82,6 +82,15 @@ def test_moe_counts_topk_experts_and_gelu_counts_two_matrices():
     assert flops_per_step(wide, mix_k) == expected
 
 
+def test_moe_counts_experts_only_for_the_modalities_that_have_them():
+    mix = TokenMix(text_tokens=10, latent_tokens=6, attended_keys=0)
+    image_moe = tiny(num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_modalities=("image",))
+    attn, dense_ffn, moe_ffn = 12288, 3 * 64 * 128, 64 * 8 + 2 * 3 * 64 * 32
+    ffn = 10 * dense_ffn + 6 * moe_ffn  # text tokens run the dense FFN, latent tokens the image experts
+    expected = 6 * 2 * (attn * 16 + ffn) + 6 * 512 * 64 * 10 + 6 * 2 * 16 * 64 * 6
+    assert flops_per_step(image_moe, mix) == expected
+
+
 def test_budget_to_steps():
     assert steps_from_flops_budget(1e18, 3e15) == 333
     assert steps_from_flops_budget(6e15, 3e15) == 2
