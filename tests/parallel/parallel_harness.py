@@ -18,7 +18,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megafusion.config.schema import Config, OptimizerConfig, ParallelConfig, TrainingConfig
+from megafusion.config.schema import (
+    Config,
+    ModelConfig,
+    MoEConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
 from megafusion.parallel.initialize import initialize_parallel
 from megafusion.parallel.wrapping import wrap_model
 from megafusion.training.optimizer import build_lr_scheduler, build_optimizer
@@ -32,8 +39,11 @@ STEPS = 3
 SEED = 1234
 
 
-def make_cfg(tp=1, pp=1, vpp=None, ep=1, distributed_optimizer=False) -> Config:
+def make_cfg(tp=1, pp=1, vpp=None, ep=1, distributed_optimizer=False, num_experts=None) -> Config:
+    """The parallel / optimizer / training sections (the GPT model is configured by transformer_config);
+    num_experts: the model's MoE expert count, which Config validates against expert_model_parallel_size."""
     return Config(
+        model=ModelConfig(moe=MoEConfig(num_experts=num_experts)),
         parallel=ParallelConfig(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
             expert_model_parallel_size=ep, use_distributed_optimizer=distributed_optimizer,

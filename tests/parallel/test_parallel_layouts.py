@@ -59,16 +59,19 @@ def test_tensor_and_data_parallel_match_single_process():
     run_distributed(_tensor_and_data_worker, world_size=2)
 
 
+NUM_EXPERTS = 4
+
+
 def _moe(dispatcher):
     return {"num_layers": 2, "moe": dict(
-        num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_router_load_balancing_type="none",
+        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=32, moe_router_load_balancing_type="none",
         moe_token_dispatcher_type=dispatcher)}
 
 
 def _expert_worker(rank, world_size):
     ref = reference_run(_moe("allgather"))
     for dispatcher in ("allgather", "alltoall"):
-        cfg = make_cfg(ep=2)
+        cfg = make_cfg(ep=2, num_experts=NUM_EXPERTS)
         info = initialize_parallel(cfg.parallel, SEED)
         assert (info.ep_size, info.ep_rank, info.dp_size) == (2, rank, 2)
         run = train(cfg, _moe(dispatcher), ref[0], _data_parallel_half(rank), steps=2)
