@@ -66,6 +66,9 @@ class ShardMerger:
                 for name, builder in self._builders.items():
                     builder.add_index(f"{prefix}.{name}")  # appends the whole shard .bin
                     hash_file_into(self._digests[name], f"{prefix}.{name}.bin")
+                    # write back now, while workers still encode, rather than all at once in publish()
+                    builder.data_file.flush()
+                    os.fsync(builder.data_file.fileno())
             finally:
                 gc.unfreeze()
             self._next += 1
