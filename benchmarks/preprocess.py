@@ -6,7 +6,8 @@ Generates a parquet of image-text pairs (PNG bytes) and a tiny tokenizer, prepro
 images/s. Because the cores may be shared, it also measures what 2 processes buy on pure CPU work at the same time
 (machine_cpu_ratio; 2.0 on two free cores) and reports ratio / machine_cpu_ratio, plus cpu_bound_ratio: the 1-worker
 CPU seconds over the 2-worker critical path (this process's CPU + the workers' CPU / 2), i.e. the ratio two free
-cores would give with balanced shards, which load from other users does not distort. The last line is JSON: {"name": "preprocess", "ratio": rps_2 / rps_1, "target": 1.7, ...}. Interpreter
+cores would give with balanced shards, which load from other users does not distort. The last line is JSON:
+{"name": "preprocess", "ratio": rps_2 / rps_1, "target": 1.7, ...}. Interpreter
 and import start-up are excluded (both runs happen in this process); merge and publish are included.
 
 Default size: 12,000 records in 32 shards (about 6 s with 1 worker). A run has fixed costs of about 0.2 s

@@ -11,8 +11,8 @@ megatron's MLP recompute, a functools.partial closure). A modality's submodule i
 ModuleSpec that returns (output, bias): a dense megatron MLP, or megatron's MoE layer (model.moe;
 megafusion/model/moe.py), so each modality has its own experts and router. Submodules receive their rows as
 [1, n, h] (n one-token sequences; megatron's linears and MoE flatten the two leading dims alike) with a matching
-[b, s] = [n, 1] padding mask (True = padding) that keeps padding out of the MoE load-balancing statistics. [1, n, h] rather than
-[n, 1, h]: on CPU, silu_backward over SwiGLU's chunked [n, 1, 2f] fc1 output takes a slow strided path (measured
+[b, s] = [n, 1] padding mask (True = padding) that keeps padding out of the MoE load-balancing statistics.
+[1, n, h] rather than [n, 1, h]: on CPU, silu_backward over SwiGLU's chunked [n, 1, 2f] fc1 output takes a slow strided path (measured
 251 ms vs 35 ms per training step at d=512, 8 layers, S=512, b=2; benchmarks/train_step.py).
 Every submodule runs on every micro-batch, so collectives inside it (TP, EP token dispatch) and gradient hooks
 fire identically on all ranks; a modality with zero rows (a text-only batch) runs one padding row instead, and

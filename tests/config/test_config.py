@@ -38,7 +38,8 @@ def test_yaml_round_trip_and_defaults_chain(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(to_yaml(cfg))
     child = tmp_path / "child.yaml"
-    child.write_text("defaults: base.yaml\nmodel:\n  hidden_size: 96\n  num_attention_heads: 6\n  num_query_groups: 3\n")
+    child.write_text("defaults: base.yaml\nmodel:\n  hidden_size: 96\n  num_attention_heads: 6\n"
+                     "  num_query_groups: 3\n")
     again = load_config(str(child))
     assert again.model.hidden_size == 96 and again.model.num_layers == cfg.model.num_layers
     loop = tmp_path / "loop.yaml"

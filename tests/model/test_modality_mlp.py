@@ -53,7 +53,8 @@ def make_config(**model):
     fields = dict(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=128,
                   latent_channels=4, latent_size=4, patch_size=2, attention_backend="dense", transformer_impl="local")
     fields.update(model)
-    cfg = Config(model=ModelConfig(**fields), data=DataConfig(seq_length=SEQ), training=TrainingConfig(precision="fp32"))
+    cfg = Config(model=ModelConfig(**fields), data=DataConfig(seq_length=SEQ),
+                 training=TrainingConfig(precision="fp32"))
     return build_transformer_config(cfg)
 
 
