@@ -67,6 +67,26 @@ def _shard(name: str, full: torch.Tensor, param: torch.Tensor, gated: bool, rank
     return full.chunk(tp, dim)[rank]
 
 
+def _single_process_reference(backend: str):
+    """The TP=PP=1 model on the test batch (each rank computes it; data parallel with nothing to communicate):
+    (config, batch, loss, weights by name, gradients by name)."""
+    from megatron.core import parallel_state as ps
+
+    from megafusion.model import MultimodalModel
+
+    ps.initialize_model_parallel(1, 1)
+    config = _make_config(1, backend)
+    torch.manual_seed(0)
+    reference = MultimodalModel(config)
+    batch = _batch(config)
+    loss = _loss(reference(batch), batch)
+    loss.backward()
+    weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    ps.destroy_model_parallel()
+    return config, batch, loss, weights, grads
+
+
 def _tp_worker(rank, world_size, out_dir, backends):
     for backend in backends:
         _compare_tp2_with_tp1(rank, out_dir, backend)
@@ -83,16 +103,7 @@ def _compare_pp2_with_pp1(rank, out_dir):
 
     from megafusion.model import ModelOutput, MultimodalModel
 
-    ps.initialize_model_parallel(1, 1)
-    config1 = _make_config(1, "dense")
-    torch.manual_seed(0)
-    reference = MultimodalModel(config1)
-    batch = _batch(config1)
-    loss1 = _loss(reference(batch), batch)
-    loss1.backward()
-    weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
-    ps.destroy_model_parallel()
+    config1, batch, loss1, weights, grads = _single_process_reference("dense")
 
     ps.initialize_model_parallel(1, 2)
     config2 = _make_config(1, "dense", pp=2)
@@ -143,17 +154,7 @@ def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False):
 
     from megafusion.model import MultimodalModel
 
-    # TP=1 reference (each rank computes it; data parallel 2 with nothing to communicate)
-    ps.initialize_model_parallel(1, 1)
-    config1 = _make_config(1, backend)
-    torch.manual_seed(0)
-    reference = MultimodalModel(config1)
-    batch = _batch(config1)
-    loss1 = _loss(reference(batch), batch)
-    loss1.backward()
-    weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
-    ps.destroy_model_parallel()
+    config1, batch, loss1, weights, grads = _single_process_reference(backend)
 
     ps.initialize_model_parallel(2, 1)
     if sequence_parallel:  # megatron's sequence-parallel linears (gather buffers) and RNG tracker need CUDA
