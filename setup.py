@@ -12,6 +12,7 @@ setup(
         "megatron-core>=0.16; python_version>='3.12'",
         "omegaconf>=2.3",
         "numpy",
+        "numba>=0.60",
         "sentencepiece",
         "pyarrow",
         "psutil",

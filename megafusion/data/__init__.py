@@ -2,7 +2,8 @@
 
   batch.py           the Batch contract every layer reads
   special_tokens.py  reserved token ids (BOS/EOS/BOI/EOI/FRAME ...)
-  collate.py         SequenceLayout rows -> Batch
+  collate.py         SequenceLayout rows / packed dataset rows -> Batch
+  packed_kernels.py  the compiled per-position loop of packed rows (numba)
   synthetic.py       generated documents (default data, tests, benchmarks)
   indexed.py         open + validate a preprocessed folder (docs/DATA_FORMAT.md), read documents
   packing.py         document stream -> row plans (frames never split) -> SequenceLayout; patchify

@@ -7,9 +7,9 @@ Two inputs, one contract (megafusion.data.batch.Batch), identical batches for id
   `noised` flag). Used by the synthetic generator and tests that build layouts by hand.
 - `collate_packed(rows: [PackedRow])`: a row as read from a dataset folder by packing.read_row — its token
   stream with one FRAME token per frame, its segment lengths and its frames' stored latents [count, C, H, W]
-  (memory-map views). The loader's hot path: per-position metadata of the whole micro-batch is built with one
-  np.repeat per field over the batch's token stream (each FRAME token expanded to its patches, one padding
-  pseudo-token per row expanded to the padded tail), and the latents are patchified straight into the output.
+  (memory-map views). The loader's hot path: the per-position fields of the whole micro-batch are written in one
+  compiled pass over the batch's token stream (packed_kernels.fill_positions), and the latents are patchified
+  from the memory map into the output in two numpy copies.
 
 Both write every field into arrays they ask `alloc(name, shape, dtype)` for (`*_fields` return them by name;
 a loader worker's allocator places them in its shared-memory slot, see workers.py); `batch_from_fields` wraps
@@ -168,17 +168,6 @@ def collate_fields(rows: Sequence[SequenceLayout], seq_length: int, patch_dim: i
             "latent_t": _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)}
 
 
-def _spread(alloc: Alloc, name: str, shape, values: np.ndarray, count: np.ndarray, lead: int, used: List[int],
-            pad) -> np.ndarray:
-    """Field `name` from per-token values repeated over their positions (each row's last token also over the
-    row's padding, which is then refilled with `pad`; `lead` positions of leading empty rows come first)."""
-    out = alloc(name, shape, values.dtype)
-    out.reshape(-1)[lead:] = values.repeat(count)
-    for r, u in enumerate(used):
-        out[r, u:] = pad
-    return out
-
-
 def _filled(alloc: Alloc, name: str, shape, dtype, value) -> np.ndarray:
     out = alloc(name, shape, dtype)
     out.fill(value)
@@ -210,20 +199,14 @@ def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size
                           alloc: Alloc = new_field) -> Dict[str, np.ndarray]:
     """The arrays of `collate_packed`'s Batch by field name (noisy_latents is latents), written into `alloc`'s.
 
-    Each token of the batch's concatenated token streams gets a repeat count (ppf for a FRAME, 1 for text; a row's
-    last token also spans the row's padding, refilled afterwards), so `repeat` of a per-token value yields a whole
-    [b, s] field at once; fields constant over a document segment repeat per-segment values instead (each row's
-    padding a pseudo-segment). Latents are float32 (16-bit storage is widened exactly) and are patchified in two
-    passes: whole latent rows from the memory map into a rows-first scratch buffer, then patches into `latents`.
-    Few, large numpy calls: per-call overhead, not arithmetic, is what this costs.
+    The rows are validated here; the per-position fields and the patches are written by the compiled loops of
+    packed_kernels.py (one pass each). Latents are float32 (16-bit storage is widened exactly first).
     """
     b, S = len(rows), seq_length
     if b == 0:
         raise ValueError("collate_packed: no rows")
-    n_frames = 0
-    for row in rows:
-        for fr in row.frames:
-            n_frames += fr.shape[0]
+    n_frames = sum(fr.shape[0] for row in rows for fr in row.frames)
+    ppf = 1
     if n_frames:
         _, c, h, w = next(fr for row in rows for fr in row.frames).shape
         if h % patch_size or w % patch_size:
@@ -232,93 +215,33 @@ def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size
         if c * patch_size * patch_size != patch_dim:
             raise ValueError(f"frames of {c} channels give patches of {c * patch_size * patch_size} values with "
                              f"model.patch_size={patch_size}, but patch_dim={patch_dim}")
-    else:
-        ppf = 1
-
-    # the batch's token stream and its document segments (Python, per row); each row's padding is a pseudo-segment
-    seg_ids, seg_first, seg_row, pad_seg, row_end = [], [], [], [], []
-    n = 0
+    seg_len, row_nseg, row_ntok = [], [], []
     for r, row in enumerate(rows):
         for k, length in enumerate(row.segment_lengths):
             if length <= 0:
                 raise ValueError(f"row {r}: document segment {k} is empty; a row plan holds non-empty segments")
-            seg_ids.append(k)
-            seg_first.append(n)
-            seg_row.append(r)
-            n += length
-        if n - (row_end[-1] if row_end else 0) != len(row.tokens):
-            raise ValueError(f"row {r}: segment lengths sum to {n - (row_end[-1] if row_end else 0)}, but the row "
-                             f"holds {len(row.tokens)} tokens")
-        pad_seg.append(len(seg_ids))
-        seg_ids.append(-1)
-        seg_row.append(r)
-        row_end.append(n)
+        total = sum(row.segment_lengths)
+        if total != len(row.tokens):
+            raise ValueError(f"row {r}: segment lengths sum to {total}, but the row holds {len(row.tokens)} tokens")
+        seg_len += row.segment_lengths
+        row_nseg.append(len(row.segment_lengths))
+        row_ntok.append(total)
     toks = rows[0].tokens if b == 1 else np.concatenate([row.tokens for row in rows])
-    is_frame = toks == frame_token
-    frame_at = is_frame.nonzero()[0]  # token index of every frame
-    if len(frame_at) != n_frames:
-        raise ValueError(f"collate_packed: the rows hold {len(frame_at)} FRAME tokens but {n_frames} frames of "
+    n_frame_tokens = int(np.count_nonzero(toks == frame_token))
+    if n_frame_tokens != n_frames:
+        raise ValueError(f"collate_packed: the rows hold {n_frame_tokens} FRAME tokens but {n_frames} frames of "
                          f"latents")
-    row_frames = frame_at.searchsorted(row_end).tolist()  # frames up to the end of each row (cumulative)
-    used = [row_end[r] - (row_end[r - 1] if r else 0) + (row_frames[r] - (row_frames[r - 1] if r else 0))
-            * (ppf - 1) for r in range(b)]  # positions filled per row
-    for r, u in enumerate(used):
-        if u > S:
-            raise ValueError(f"row {r} holds {u} positions, more than seq_length={S}")
-    count = is_frame * (ppf - 1)
-    count += 1  # positions of each token
-    seg_pos = np.empty(len(seg_ids), dtype=np.int64)  # positions of each segment, pseudo-segments included
-    seg_pos[pad_seg] = [S - u for u in used]
-    if n:
-        real = np.ones(len(seg_ids), dtype=bool)
-        real[pad_seg] = False
-        seg_pos[real] = np.add.reduceat(count, seg_first)
-    lead = 0  # padding of leading empty rows
-    for r, end in enumerate(row_end):  # each row's padding is repeated after its last token, then refilled
-        if end:
-            count[end - 1] += S - used[r]
-        else:
-            lead += S
+
+    from megafusion.data.packed_kernels import fill_positions  # numba: imported by the loader's path only
 
     shape = (b, S)
-    # per token
-    tok_vals = toks.astype(np.int64)
-    tok_vals[frame_at] = pad_id
-    tokens = _spread(alloc, "tokens", shape, tok_vals, count, lead, used, pad_id)
-    labels = alloc("labels", shape, np.int64)
-    labels[:, :-1] = tokens[:, 1:]
-    labels[:, -1] = pad_id
-    # CE counts at text tokens whose next token is text of the same segment: not before a frame or a segment end
-    lm = np.subtract(1.0, is_frame, dtype=np.float32)
-    lm[frame_at - 1] = 0.0
-    seg_first.append(n)
-    seg_last = np.array(seg_first[1:])
-    seg_last -= 1
-    lm[seg_last] = 0.0
-    loss_mask = _spread(alloc, "loss_mask", shape, lm, count, lead, used, 0.0)
-    block = np.full(n, -1, dtype=np.int64)
-    if n_frames:  # frame k of its row: block k
-        block[frame_at] = np.arange(n_frames) - np.array([0] + row_frames[:-1])[np.searchsorted(row_end, frame_at,
-                                                                                                  "right")]
-    block_ids = _spread(alloc, "block_ids", shape, block, count, lead, used, -1)
-    noised = np.greater_equal(block_ids, 0, out=alloc("noised", shape, bool))  # dataset frames are all noised
-    modality = alloc("modality", shape, np.int64)
-    if _IMAGE_IS_ONE:
-        np.copyto(modality, noised)
-    else:
-        modality[...] = np.where(noised, MODALITY_IMAGE, MODALITY_TEXT)
-
-    # per document segment: id and row-relative start (padding: id -1, and it sees only itself)
-    seg_start = seg_pos.cumsum()
-    seg_start -= seg_pos
-    seg_start -= np.asarray(seg_row, dtype=np.int64) * S
-    document_ids = alloc("document_ids", shape, np.int64)
-    document_ids.reshape(-1)[:] = np.asarray(seg_ids, dtype=np.int64).repeat(seg_pos)
-    context_start = alloc("context_start", shape, np.int64)
-    context_start.reshape(-1)[:] = seg_start.repeat(seg_pos)
-    positions = np.arange(S, dtype=np.int64)
-    for r, u in enumerate(used):
-        context_start[r, u:] = positions[u:]
+    out = {name: alloc(name, shape, dtype) for name, dtype in _POSITION_FIELDS}
+    used = np.empty(b, dtype=np.int64)
+    over = fill_positions(toks, np.asarray(row_ntok, dtype=np.int64), np.asarray(seg_len, dtype=np.int64),
+                          np.asarray(row_nseg, dtype=np.int64), frame_token, pad_id, ppf, MODALITY_IMAGE,
+                          MODALITY_TEXT, *out.values(), used)
+    if over >= 0:
+        raise ValueError(f"row {over} holds {used[over]} positions, more than seq_length={S}")
 
     lat = alloc("latents", (n_frames * ppf, patch_dim), np.float32)
     if n_frames:
@@ -334,24 +257,27 @@ def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size
                 f += k
         # step 2: patches into the output
         _patches_from_rows(rows_first, patch_size, out=lat.reshape(n_frames, ppf, patch_dim))
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "modality": modality, "block_ids": block_ids,
-            "document_ids": document_ids, "context_start": context_start, "noised": noised, "latents": lat,
-            "latent_t": _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)}
+    out["latents"] = lat
+    out["latent_t"] = _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)
+    return out
+
+
+# the per-position fields in the order fill_positions takes them
+_POSITION_FIELDS = (("tokens", np.int64), ("labels", np.int64), ("loss_mask", np.float32), ("modality", np.int64),
+                    ("block_ids", np.int64), ("document_ids", np.int64), ("context_start", np.int64),
+                    ("noised", np.bool_))
 
 
 def _skewed_empty(shape, dtype, skew: int = 1024) -> np.ndarray:
     """np.empty whose start sits `skew` bytes further into its page than a fresh allocation's.
 
     Large fresh arrays all start at about the same offset within a 4 KiB page, and a copy between two of them
-    (labels from tokens shifted by one position, latents from the rows-first buffer) then suffers 4K aliasing:
+    (e.g. labels from tokens shifted by one position) then suffers 4K aliasing:
     each load looks like it depends on a just-issued store, about 10x slower than a plain memcpy.
     """
     n = math.prod(shape)
     itemsize = np.dtype(dtype).itemsize
     return np.empty(n + skew // itemsize, dtype=dtype)[skew // itemsize:].reshape(shape)
-
-
-_SCRATCH = [np.empty(0, dtype=np.uint8)]
 
 
 def _scratch(shape, dtype) -> np.ndarray:
@@ -363,7 +289,7 @@ def _scratch(shape, dtype) -> np.ndarray:
     return _SCRATCH[0][:nbytes].view(dtype).reshape(shape)
 
 
-_IMAGE_IS_ONE = MODALITY_IMAGE == 1 and MODALITY_TEXT == 0  # modality is then the noised mask as int64
+_SCRATCH = [np.empty(0, dtype=np.uint8)]
 
 
 def _widen(raw: np.ndarray, stored: torch.dtype) -> np.ndarray:
