@@ -64,7 +64,8 @@ def test_image_must_fit_sequence():
 def test_sequence_parallel_needs_tp_and_a_divisible_sequence(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         load_config("tiny", overrides)
-    assert load_config("tiny", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"])
+    cfg = load_config("tiny", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"])
+    assert cfg.parallel.sequence_parallel and cfg.data.seq_length % 2 == 0
 
 
 @pytest.mark.parametrize(
