@@ -1,18 +1,15 @@
-"""Turn laid-out or read rows into the Batch contract; patchify.
+"""Turn laid-out rows into the Batch contract; patchify.
 
 Two inputs, one contract (megafusion.data.batch.Batch), identical batches for identical content:
 
 - `collate(rows: [SequenceLayout])`: a row is an ordered list of document segments, each an ordered list of
   parts — `TextPart` (token ids) or `FramePart` (the patches of one image or one video frame, with its own
   `noised` flag). Used by the synthetic generator and tests that build layouts by hand.
-- `collate_packed(rows: [PackedRow])`: a row as read from a dataset folder by packing.read_row — its token
-  stream with one FRAME token per frame, its segment lengths and its frames' stored latents [count, C, H, W]
-  (memory-map views). The loader's hot path: the per-position fields of the whole micro-batch are written in one
-  compiled pass over the batch's token stream (packed_kernels.fill_positions), and the latents are patchified
-  from the memory map into the output in two numpy copies.
+- `collate_packed` (collate_packed.py): rows as planned over a dataset's memory maps (a SegmentTable), the
+  loader's hot path, written by compiled loops.
 
 Both write every field into arrays they ask `alloc(name, shape, dtype)` for (`*_fields` return them by name;
-a loader worker's allocator places them in its shared-memory slot, see workers.py); `batch_from_fields` wraps
+the loader's allocator places them in a recycled slot of a BatchRing, see batch_ring.py); `batch_from_fields` wraps
 such arrays as a Batch without copies. Deciding *what* goes into a row (packing, never splitting a frame) is the
 packer's job; this module only writes the contract. `latents` and `noisy_latents` of a collated Batch are the same
 tensor (noisy_latents = latents before noising): consumers must not write either in place — the flow-matching objective
@@ -174,100 +171,6 @@ def _filled(alloc: Alloc, name: str, shape, dtype, value) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- packed rows
-@dataclass
-class PackedRow:
-    """One planned row as read from a dataset: what `collate_packed` needs, nothing expanded yet."""
-
-    tokens: np.ndarray  # [T] int token stream of the row, one frame_token where each frame goes
-    segment_lengths: List[int]  # tokens per document segment, in order; they sum to T
-    frames: List[np.ndarray]  # stored latents [count, C, H, W] of the row's frames in stream order (views)
-    latent_dtype: torch.dtype = torch.float32  # what the stored frame values mean (16-bit: uint16 bit patterns)
-
-
-def collate_packed(rows: Sequence[PackedRow], seq_length: int, patch_size: int, patch_dim: int, frame_token: int,
-                   pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
-    """Build a Batch of len(rows) sequences of seq_length positions; every frame is noised (dataset frames).
-
-    Equal to `collate` of the same rows laid out as TextParts and FrameParts.
-    """
-    return batch_from_fields(collate_packed_fields(rows, seq_length, patch_size, patch_dim, frame_token, pad_id))
-
-
-def collate_packed_fields(rows: Sequence[PackedRow], seq_length: int, patch_size: int, patch_dim: int,
-                          frame_token: int, pad_id: int = SPECIAL_TOKENS.pad,
-                          alloc: Alloc = new_field) -> Dict[str, np.ndarray]:
-    """The arrays of `collate_packed`'s Batch by field name (noisy_latents is latents), written into `alloc`'s.
-
-    The rows are validated here; the per-position fields and the patches are written by the compiled loops of
-    packed_kernels.py (one pass each). Latents are float32 (16-bit storage is widened exactly first).
-    """
-    b, S = len(rows), seq_length
-    if b == 0:
-        raise ValueError("collate_packed: no rows")
-    n_frames = sum(fr.shape[0] for row in rows for fr in row.frames)
-    ppf = 1
-    if n_frames:
-        _, c, h, w = next(fr for row in rows for fr in row.frames).shape
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"latent grid {h}x{w} is not divisible by model.patch_size={patch_size}")
-        ppf = (h // patch_size) * (w // patch_size)
-        if c * patch_size * patch_size != patch_dim:
-            raise ValueError(f"frames of {c} channels give patches of {c * patch_size * patch_size} values with "
-                             f"model.patch_size={patch_size}, but patch_dim={patch_dim}")
-    seg_len, row_nseg, row_ntok = [], [], []
-    for r, row in enumerate(rows):
-        for k, length in enumerate(row.segment_lengths):
-            if length <= 0:
-                raise ValueError(f"row {r}: document segment {k} is empty; a row plan holds non-empty segments")
-        total = sum(row.segment_lengths)
-        if total != len(row.tokens):
-            raise ValueError(f"row {r}: segment lengths sum to {total}, but the row holds {len(row.tokens)} tokens")
-        seg_len += row.segment_lengths
-        row_nseg.append(len(row.segment_lengths))
-        row_ntok.append(total)
-    toks = rows[0].tokens if b == 1 else np.concatenate([row.tokens for row in rows])
-    n_frame_tokens = int(np.count_nonzero(toks == frame_token))
-    if n_frame_tokens != n_frames:
-        raise ValueError(f"collate_packed: the rows hold {n_frame_tokens} FRAME tokens but {n_frames} frames of "
-                         f"latents")
-
-    from megafusion.data.packed_kernels import fill_positions  # numba: imported by the loader's path only
-
-    shape = (b, S)
-    out = {name: alloc(name, shape, dtype) for name, dtype in _POSITION_FIELDS}
-    used = np.empty(b, dtype=np.int64)
-    over = fill_positions(toks, np.asarray(row_ntok, dtype=np.int64), np.asarray(seg_len, dtype=np.int64),
-                          np.asarray(row_nseg, dtype=np.int64), frame_token, pad_id, ppf, MODALITY_IMAGE,
-                          MODALITY_TEXT, *out.values(), used)
-    if over >= 0:
-        raise ValueError(f"row {over} holds {used[over]} positions, more than seq_length={S}")
-
-    lat = alloc("latents", (n_frames * ppf, patch_dim), np.float32)
-    if n_frames:
-        # step 1: every frame straight from the memory map into patchify's rows-first layout (whole latent rows)
-        rows_first = _scratch((n_frames, h // patch_size, c, patch_size, w), np.float32)
-        f = 0
-        for row in rows:
-            for fr in row.frames:
-                if fr.dtype != np.float32:
-                    fr = _widen(fr, row.latent_dtype)
-                k = fr.shape[0]
-                rows_first[f: f + k] = _rows_first(fr, patch_size)
-                f += k
-        # step 2: patches into the output
-        _patches_from_rows(rows_first, patch_size, out=lat.reshape(n_frames, ppf, patch_dim))
-    out["latents"] = lat
-    out["latent_t"] = _filled(alloc, "latent_t", (lat.shape[0],), np.float32, 1.0)
-    return out
-
-
-# the per-position fields in the order fill_positions takes them
-_POSITION_FIELDS = (("tokens", np.int64), ("labels", np.int64), ("loss_mask", np.float32), ("modality", np.int64),
-                    ("block_ids", np.int64), ("document_ids", np.int64), ("context_start", np.int64),
-                    ("noised", np.bool_))
-
-
 def _skewed_empty(shape, dtype, skew: int = 1024) -> np.ndarray:
     """np.empty whose start sits `skew` bytes further into its page than a fresh allocation's.
 
@@ -290,15 +193,6 @@ def _scratch(shape, dtype) -> np.ndarray:
 
 
 _SCRATCH = [np.empty(0, dtype=np.uint8)]
-
-
-def _widen(raw: np.ndarray, stored: torch.dtype) -> np.ndarray:
-    """16-bit stored latent bits -> float32, exactly (bfloat16: shift into the high half; float16: convert)."""
-    if stored == torch.bfloat16:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    if stored == torch.float16:
-        return raw.view(np.float16).astype(np.float32)
-    raise ValueError(f"latents stored as {raw.dtype} meaning {stored}: expected float32, float16 or bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------- patchify

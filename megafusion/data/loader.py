@@ -11,7 +11,7 @@ global sample i of split s is `SyntheticDocuments(seed=(data.seed, s, i)).row()`
 and DP-shardable by the same sample indices.
 
 Work split: planning (which documents and token ranges form each row: metadata only, cheap), reading tokens and
-latents, patchify and collation (packing.read_row + collate.collate_packed_fields). With num_workers = 0 all of it
+latents, patchify and collation (packing.read_rows + collate_packed.collate_packed_fields). With num_workers = 0 all of it
 runs in the calling process; with `data.num_workers` > 0 each background process (workers.py) plans and builds
 every num_workers-th micro-batch into a shared-memory ring whose slots are leased to the caller, so reading long
 inputs overlaps the training step and the caller only wraps finished batches. Both yield identical batches. In
@@ -27,6 +27,7 @@ data; `valid_iter.reset()` restarts it so each evaluation can see the same batch
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,10 +35,10 @@ import numpy as np
 from megafusion.config.schema import Config
 from megafusion.data.batch import Batch
 from megafusion.data.blending import BlendIndex
-from megafusion.data.collate import (Alloc, SequenceLayout, batch_from_fields, collate_fields, collate_packed_fields,
-                                     new_field)
+from megafusion.data.collate import Alloc, SequenceLayout, batch_from_fields, collate_fields, new_field
+from megafusion.data.collate_packed import collate_packed_fields
 from megafusion.data.indexed import MultimodalDataset
-from megafusion.data.packing import read_row
+from megafusion.data.packing import read_rows
 from megafusion.data.sampler import MicroBatchSampler, PackedRowStream, split_documents
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 from megafusion.data.workers import WorkerPool
@@ -113,8 +114,9 @@ class MicroBatchDataset:
         if self.synthetic is not None:
             return collate_fields([self.synthetic_row(p) for p in plans], self.seq_length, self.patch_dim,
                                   alloc=alloc)
-        rows = [read_row(self.datasets[k], segments) for k, segments in plans]
-        return collate_packed_fields(rows, self.seq_length, self.patch_size, self.patch_dim, self.frame_token,
+        tables = [read_rows(self.datasets[k], [segments for _, segments in run])
+                  for k, run in itertools.groupby(plans, key=lambda plan: plan[0])]  # rows of one dataset together
+        return collate_packed_fields(tables, self.seq_length, self.patch_size, self.patch_dim, self.frame_token,
                                      alloc=alloc)
 
     def field_bytes(self, micro_batch_size: int) -> List[int]:

@@ -1,11 +1,17 @@
-"""Compiled (numba) loop of the loader's hot path: packed rows -> the per-position fields of a Batch.
+"""Compiled (numba) loops of the loader's hot path: planned segments -> every field of a Batch.
 
-Built with numpy, these fields cost a dozen calls per field (np.repeat over per-token counts, padding refills,
-shifted copies), each a few µs of overhead: most of a micro-batch's collation. This loop writes every position
-of every field once. collate.collate_packed_fields validates its input in Python and calls it; `collate`
-(hand-built layouts) is the reference it is tested against. Latents stay with numpy (collate.py: a sequential
-copy from the memory map, then an in-cache transpose), which beat a compiled strided patchify on cold data.
-Compiled on first use and cached next to this file (numba's `cache=True`).
+Built with numpy, a micro-batch costs a dozen calls per field (np.repeat over per-token counts, padding refills,
+shifted copies, a strided copy of the frames out of the memory map and then their transpose into patches), each a
+few µs of overhead, plus Python work per segment: more than reading the bytes. Here two passes do it all:
+
+- `scan_segments` counts each segment's FRAME tokens (how many stored frames it takes) and each row's positions;
+- `write_rows` reads each segment's tokens from the token map and writes every position of every per-position
+  field once, and where a FRAME stands, reads that frame from the latent map and writes its patches (widening
+  16-bit values on the way).
+
+collate.collate_packed_fields validates the input in Python, allocates the fields between the passes and calls
+both; `collate` (hand-built layouts) and collate.patchify are the references they are tested against. Compiled
+on first use and cached next to this file (numba's `cache=True`).
 """
 
 from __future__ import annotations
@@ -14,62 +20,104 @@ from numba import njit
 
 
 @njit(cache=True)
-def fill_positions(toks, row_ntok, seg_len, row_nseg, frame_token, pad_id, ppf, image_id, text_id,
-                   tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised,
-                   used) -> int:
-    """Write the [b, S] fields of b packed rows; returns -1, or the first row with more than S positions (then
-    nothing is written).
+def scan_segments(tokens, token_start, length, row_segments, frames_available, exact, frame_token, ppf,
+                  seg_frames, used) -> int:
+    """Fill seg_frames[g] (FRAME tokens of segment g) and used[r] (positions row r fills: a FRAME is ppf).
 
-    toks: the rows' token streams back to back (one frame_token per frame); row_ntok[r] tokens of row r, in
-    row_nseg[r] document segments of seg_len[...] tokens (segments of all rows back to back). A FRAME expands to
-    ppf latent positions (block k = the row's k-th frame); text is causal CE wherever the next token is text of
-    the same segment; a row's tail is padding (document -1, seeing only itself). used[r]: positions row r fills.
+    Returns -1, or the first segment that is empty (length <= 0), or that holds more FRAMEs than it has stored
+    frames (frames_available), or another number where `exact` (a whole document must use all of its frames).
     """
-    b, S = tokens.shape
-    t = 0
-    for r in range(b):
+    g = 0
+    for r in range(row_segments.shape[0]):
         u = 0
-        for i in range(t, t + row_ntok[r]):
-            u += ppf if toks[i] == frame_token else 1
+        for _ in range(row_segments[r]):
+            n = length[g]
+            if n <= 0:
+                return g
+            a = token_start[g]
+            frames = 0
+            for i in range(a, a + n):
+                if tokens[i] == frame_token:
+                    frames += 1
+            if frames > frames_available[g] or (exact[g] and frames != frames_available[g]):
+                return g
+            seg_frames[g] = frames
+            u += n + frames * (ppf - 1)
+            g += 1
         used[r] = u
-        t += row_ntok[r]
-    for r in range(b):
-        if used[r] > S:
-            return r
-    t = 0
-    sg = 0
-    for r in range(b):
+    return -1
+
+
+@njit(cache=True)
+def write_rows(tokens, token_start, length, row_segments, latents, latent_start, channels, height,
+               row_units, p, k, scale, frame_token, pad_id, ppf, image_id, text_id, r0,
+               out_tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised,
+               patches) -> None:
+    """Write rows r0, r0 + 1, ... of the [b, S] fields and their frames' patches into patches[0], [1], ...
+
+    Per row: its segments' tokens back to back (segment k is document k of the row); a FRAME expands to ppf
+    latent positions (block j = the row's j-th frame) and its frame, the next stored one of the segment from
+    latent_start[g] on, is patchified into the next patches[f]; text is causal CE wherever the next token is
+    text of the same segment; the tail is padding (document -1, seeing only itself).
+
+    Patches move in units (e.g. a p=2 run of float32 as one uint64): a latent row of W values is `row_units`
+    units, a run of p of them (one channel's row within a patch) k units, so
+    patches[f, i*(W/p) + j, (c*p + r)*k + u] = frame[c, i*p + r, j*k + u] * scale (scale 65536 turns bfloat16 bits
+    into float32 bits exactly; otherwise 1). Frames are read row by row in stored order.
+    """
+    S = out_tokens.shape[1]
+    hp, wp = height // p, row_units // k
+    frame_units = channels * height * row_units
+    g = 0
+    f = 0
+    for rr in range(row_segments.shape[0]):
+        r = r0 + rr
         pos = 0
-        frame = 0
-        for k in range(row_nseg[r]):
+        block = 0
+        for d in range(row_segments[rr]):
             start = pos
-            n = seg_len[sg]
-            sg += 1
+            a = token_start[g]
+            n = length[g]
+            src = latent_start[g]
             for j in range(n):
-                tok = toks[t]
+                tok = tokens[a + j]
                 if tok == frame_token:
                     for _ in range(ppf):
-                        tokens[r, pos] = pad_id
+                        out_tokens[r, pos] = pad_id
                         loss_mask[r, pos] = 0.0
                         modality[r, pos] = image_id
-                        block_ids[r, pos] = frame
+                        block_ids[r, pos] = block
                         noised[r, pos] = True
-                        document_ids[r, pos] = k
+                        document_ids[r, pos] = d
                         context_start[r, pos] = start
                         pos += 1
-                    frame += 1
+                    for c in range(channels):
+                        for i in range(hp):
+                            for q in range(p):
+                                at = src + (c * height + i * p + q) * row_units
+                                col = (c * p + q) * k
+                                if k == 1:  # e.g. p=2 float32 as uint64: 3x faster than the loop below
+                                    for x in range(wp):
+                                        patches[f, i * wp + x, col] = latents[at + x] * scale
+                                else:
+                                    for x in range(wp):
+                                        for u in range(k):
+                                            patches[f, i * wp + x, col + u] = latents[at + x * k + u] * scale
+                    src += frame_units
+                    block += 1
+                    f += 1
                 else:
-                    tokens[r, pos] = tok
-                    loss_mask[r, pos] = 0.0 if (j == n - 1 or toks[t + 1] == frame_token) else 1.0
+                    out_tokens[r, pos] = tok
+                    loss_mask[r, pos] = 0.0 if (j == n - 1 or tokens[a + j + 1] == frame_token) else 1.0
                     modality[r, pos] = text_id
                     block_ids[r, pos] = -1
                     noised[r, pos] = False
-                    document_ids[r, pos] = k
+                    document_ids[r, pos] = d
                     context_start[r, pos] = start
                     pos += 1
-                t += 1
+            g += 1
         for q in range(pos, S):
-            tokens[r, q] = pad_id
+            out_tokens[r, q] = pad_id
             loss_mask[r, q] = 0.0
             modality[r, q] = text_id
             block_ids[r, q] = -1
@@ -77,6 +125,5 @@ def fill_positions(toks, row_ntok, seg_len, row_nseg, frame_token, pad_id, ppf, 
             document_ids[r, q] = -1
             context_start[r, q] = q
         for q in range(S - 1):
-            labels[r, q] = tokens[r, q + 1]
+            labels[r, q] = out_tokens[r, q + 1]
         labels[r, S - 1] = pad_id
-    return -1

@@ -11,9 +11,11 @@ Packing is split in two so the expensive half can run in loader workers:
        (its tail becomes padding) and the frame starts the next row, taking its directly preceding BOI with it;
      - a cut that would fall exactly between a BOI and its frame moves before the BOI instead.
    The plan is a pure function of the document stream, so the same stream gives the same rows on every rank,
-   in every worker and after a resume.
-2. `read_row` (worker) reads the planned token ranges and the frames' memory-map views into a `PackedRow`,
-   which `collate_packed` (collate.py) turns into the Batch contract, patchifying straight into the output.
+   in every worker and after a resume. `add` is the rules in Python, one document at a time (the reference);
+   `add_from` runs them compiled over many documents (plan_kernel.py), which is what the loader uses.
+2. `read_rows` (worker) turns the plans of a micro-batch's rows into a `SegmentTable` (where each segment's
+   tokens and frames lie in the dataset's memory maps), which `collate_packed` (collate_packed.py) turns into the
+   Batch contract, reading tokens and patchifying frames straight from the maps into the output.
    `layout_row` gives the same row as a `SequenceLayout` of TextParts and FrameParts (for `collate`; tests).
 
 `patchify` / `unpatchify` live in collate.py and are re-exported here.
@@ -21,17 +23,17 @@ Packing is split in two so the expensive half can run in loader workers:
 
 from __future__ import annotations
 
-from itertools import accumulate
-from typing import List
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from megafusion.data.collate import (FramePart, PackedRow, Part, SequenceLayout, TextPart, _patches_from_rows,
-                                     _rows_first, patchify, unpatchify)
+from megafusion.data.collate import (FramePart, Part, SequenceLayout, TextPart, _patches_from_rows, _rows_first,
+                                     patchify, unpatchify)
+from megafusion.data.collate_packed import SegmentTable
 from megafusion.data.indexed import MultimodalDataset, to_float32
 
 SEGMENT_FIELDS = ("document", "token_start", "token_end", "first_frame")
-__all__ = ["RowPlanner", "read_row", "layout_row", "patchify", "unpatchify", "SEGMENT_FIELDS"]
+__all__ = ["RowPlanner", "read_rows", "layout_row", "patchify", "unpatchify", "SEGMENT_FIELDS"]
 
 
 class RowPlanner:
@@ -75,7 +77,7 @@ class RowPlanner:
             return
         total = int(self.positions[doc])
         if total <= S - self.fill:  # the whole document fits: one segment, exactly what the walk below gives
-            self._put(doc, 0, n, 0, total)  # (read_row checks its FRAME count against latents.idx)
+            self._put(doc, 0, n, 0, total)  # (collate_packed checks its FRAME count against latents.idx)
             if self.fill == S:
                 self._close()
             return
@@ -119,47 +121,72 @@ class RowPlanner:
             if full:
                 self._close()
 
+    def add_from(self, order: np.ndarray, start: int, need_rows: int, snap_rows: int) -> Tuple[int, List[dict]]:
+        """`add` order[start], order[start + 1], ... (compiled: plan_kernel.plan_documents) until `need_rows` more
+        rows are complete or the order ends. Returns (the next order index, the snapshots taken at document
+        boundaries whenever the completed-row count had changed since the last one, which counted `snap_rows`
+        rows: {"rows": rows completed, "next_doc": order index, "fill", "open": segments of the open row}).
+        """
+        from megafusion.data.plan_kernel import plan_documents  # numba: the loader's path only
+
+        ds, snaps_out = self.dataset, []
+        order = np.ascontiguousarray(order, dtype=np.int64)
+        capacity = 64 + 16 * need_rows
+        while need_rows > 0 and start < len(order):
+            n_open = len(self._segments)
+            segs = np.empty((n_open + capacity, 4), dtype=np.int64)
+            segs[:n_open] = np.array(self._segments, dtype=np.int64).reshape(-1, 4)
+            row_ends = np.empty(capacity, dtype=np.int64)
+            snaps = np.empty((capacity, 5), dtype=np.int64)
+            rows_before = len(self.rows)
+            nxt, fill, n_segs, n_rows, n_snaps, bad = plan_documents(
+                order, start, need_rows, self.seq_length, self.ppf, ds.token_lengths, ds.frame_counts,
+                self.positions, ds._tok_flat, ds._tok_start, ds.frame_token, ds.boi_token, self.fill, segs, n_open,
+                row_ends, snaps, snap_rows - rows_before)
+            for rows, index, snap_fill, a, b in snaps[:n_snaps].tolist():
+                snaps_out.append({"rows": rows_before + rows, "next_doc": index, "fill": snap_fill,
+                                  "open": segs[a:b].tolist()})
+                snap_rows = rows_before + rows
+            ends = row_ends[:n_rows].tolist()
+            for a, b in zip([0] + ends[:-1], ends):
+                self.rows.append(segs[a:b].copy())
+            self._segments = [tuple(seg) for seg in segs[ends[-1] if ends else 0: n_segs].tolist()]
+            self.fill = int(fill)
+            if bad == -2:
+                raise ValueError(f"{ds.folder}: document {int(order[nxt])}: a frame of {self.ppf} patches does not "
+                                 f"fit in an empty row of {self.seq_length} positions")
+            if bad >= 0:
+                ds.frame_positions(int(bad))  # raises DatasetFormatError naming the document
+                raise ValueError(f"{ds.folder}: document {int(bad)}: its FRAME tokens disagree with latents.idx")
+            if nxt == start and n_rows == 0:
+                capacity *= 2  # the next document might not fit in the buffers
+            start, need_rows = nxt, need_rows - n_rows
+        return start, snaps_out
+
     def flush(self) -> None:
         """Close the open row (its tail becomes padding); used at the end of a finite stream."""
         if self._segments:
             self._close()
 
 
-def read_row(dataset: MultimodalDataset, plan: np.ndarray) -> PackedRow:
-    """Read one planned row: its token stream (segments back to back) and its frames as memory-map views.
-
-    Slices of the dataset's flat memory-map views (no per-segment read calls); the FRAME count of every segment,
-    which says how many latents it takes from `first_frame` on, comes from one reduceat over the row.
-    """
-    segments = plan.tolist()
-    tok_flat, tok_start, tok_len, frame_counts = dataset._tok_flat, dataset._tok_start, dataset.token_lengths, \
-        dataset.frame_counts
-    pieces, lengths = [], []
-    for doc, start, end, _ in segments:
-        a = int(tok_start[doc])
-        pieces.append(tok_flat[a + start: a + end])
-        lengths.append(end - start)
-    tokens = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    frames = []
-    is_frame = tokens == dataset.frame_token
-    if not is_frame.any():
-        counts = [0] * len(lengths)
-    elif len(lengths) > 1:
-        counts = np.add.reduceat(is_frame, np.fromiter(accumulate(lengths[:-1], initial=0), np.int64,
-                                                       len(lengths))).tolist()
+def read_rows(dataset: MultimodalDataset, plans: Sequence[np.ndarray]) -> SegmentTable:
+    """The planned rows of `dataset` as a SegmentTable over its token and latent memory maps (nothing is read
+    yet): a few vectorized lookups over all their segments, whatever their number."""
+    seg = plans[0] if len(plans) == 1 else np.concatenate(plans)
+    doc, start, end, first = seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3]
+    available = dataset.frame_counts[doc] - first
+    if len(dataset._lat_start):  # a segment with no frames left points at the last stored one; it reads none
+        latent_start = dataset._lat_start[np.minimum(dataset._latent_docs[doc] + first, len(dataset._lat_start) - 1)]
     else:
-        counts = [int(is_frame.sum())]
-    lat_flat, lat_start, lat_docs = dataset._lat_flat, dataset._lat_start, dataset._latent_docs
-    numel, shape = dataset._frame_numel, dataset._frame_shape
-    for (doc, start, end, first), n in zip(segments, counts):
-        # more FRAMEs than latents (e.g. planned as text), or a whole document (planned without walking its
-        # frames) whose FRAME count differs from latents.idx: frame_positions raises DatasetFormatError naming it
-        if first + n > frame_counts[doc] or (start == 0 and end == tok_len[doc] and n != frame_counts[doc]):
-            dataset.frame_positions(doc)
-        if n:
-            a = int(lat_start[int(lat_docs[doc]) + first])
-            frames.append(lat_flat[a: a + n * numel].reshape((n,) + shape))
-    return PackedRow(tokens, lengths, frames, dataset.latent_dtype)
+        latent_start = np.zeros(len(seg), dtype=np.int64)
+    # a whole document (planned without walking its frames) must use all of its latents: its FRAME count
+    # differing from latents.idx, or a segment with more FRAMEs than stored frames (e.g. planned as text), is
+    # explained by frame_positions, which raises DatasetFormatError naming the document
+    return SegmentTable(tokens=dataset._tok_flat, latents=dataset._lat_flat, frame_shape=dataset._frame_shape,
+                        latent_dtype=dataset.latent_dtype, row_segments=np.array([len(p) for p in plans], np.int64),
+                        token_start=dataset._tok_start[doc] + start, length=end - start, latent_start=latent_start,
+                        frames_available=available, exact=(start == 0) & (end == dataset.token_lengths[doc]),
+                        explain=lambda g: dataset.frame_positions(int(doc[g])))
 
 
 def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) -> SequenceLayout:

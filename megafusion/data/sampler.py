@@ -34,6 +34,7 @@ from megafusion.data.indexed import MultimodalDataset
 from megafusion.data.packing import RowPlanner
 
 SPLITS = ("train", "valid")
+PLAN_AHEAD = 32  # rows planned per compiled call at least
 _SPLIT_SALT = 7919  # a fixed tag so the split permutation's stream differs from any epoch's
 
 
@@ -85,27 +86,29 @@ class PackedRowStream:
         self._snapshots.append({"rows": rows, "epoch": self._epoch, "next_doc": self._next_doc,
                                 "fill": self._planner.fill, "open": [list(s) for s in self._planner._segments]})
 
-    def _advance(self) -> None:
-        """Feed documents until at least one more row is complete."""
+    def _advance(self, need: int) -> None:
+        """Feed documents (compiled, RowPlanner.add_from) until at least `need` more rows are complete."""
         planner = self._planner
-        have = len(planner.rows)
-        while len(planner.rows) == have:
+        target = len(planner.rows) + need
+        while len(planner.rows) < target:
             if self._next_doc == len(self._order):
                 self._epoch += 1
                 self._order = epoch_order(self.documents, *self.key, self._epoch)
                 self._next_doc = 0
-            self._snap()
-            planner.add(int(self._order[self._next_doc]))
-            self._next_doc += 1
+            last = self._snapshots[-1]["rows"] - self._base if self._snapshots else -1
+            self._next_doc, snaps = planner.add_from(self._order, self._next_doc, target - len(planner.rows), last)
+            for snap in snaps:
+                self._snapshots.append(dict(snap, rows=self._base + snap["rows"], epoch=self._epoch))
 
     def row(self, r: int) -> np.ndarray:
         if r < self._base:
             self._restart()
         rows = self._planner.rows
         while r >= self._base + len(rows):
-            self._advance()
-            if len(rows) > 2 * self.window:  # keep memory flat: rows are requested in increasing order
-                drop = len(rows) - self.window
+            # plan ahead in chunks: one compiled call then covers many rows (rows are asked for in order)
+            self._advance(max(r - self._base - len(rows) + 1, PLAN_AHEAD))
+            drop = min(len(rows) - self.window, r - self._base)  # rows before r beyond the window
+            if len(rows) > 2 * self.window and drop > 0:  # keep memory flat: rows are requested in increasing order
                 del rows[:drop]
                 self._base += drop
                 while len(self._snapshots) > 1 and self._snapshots[1]["rows"] <= self._base:

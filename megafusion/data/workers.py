@@ -14,89 +14,19 @@ batch travels through the pipe by value instead. In every Batch handed out, nois
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import weakref
-from typing import List, Tuple
 
-import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
 
 from megafusion.data.batch import Batch
+from megafusion.data.batch_ring import BatchRing
 from megafusion.data.collate import batch_from_fields
 from megafusion.data.sampler import MicroBatchSampler
 
 PREFETCH = 4  # batches a worker builds ahead of the caller
 HELD = 12  # batches the caller may hold (all workers together) before batches travel by value
-_ALIGN, _SKEW = 64, 1024  # a field starts 1 KiB past the aligned end of the previous one (collate._skewed_empty)
-
-
-class BatchRing:
-    """Shared-memory slots that workers write batches into, and a shared free flag per slot.
-
-    Handing a worker's batch over as fresh shared tensors costs the caller a file descriptor per storage, a new
-    mapping and a page fault per 4 KiB on first touch: more than building the batch. The ring is mapped once; a
-    worker `take`s a free slot of its own range and collates into it through `writer`; `lease` (caller) wraps the
-    slot as the Batch's tensors, and a finalizer on their common base sets the free flag again when the caller
-    drops the last of them.
-    """
-
-    def __init__(self, slots: int, field_bytes: List[int]):
-        self.slots = slots
-        self.slot_bytes = sum(_padded(n) for n in field_bytes)
-        self.buffer = torch.empty(slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
-        self.free = torch.ones(slots, dtype=torch.uint8).share_memory_()
-
-    def take(self, first: int, count: int) -> int:
-        """(worker) A free slot among first .. first + count - 1, now in use; -1 when the caller holds them all."""
-        free = self.free.numpy()
-        for slot in range(first, first + count):
-            if free[slot]:
-                free[slot] = 0
-                return slot
-        return -1
-
-    def writer(self, slot: int) -> "_SlotWriter":
-        return _SlotWriter(self.buffer.numpy()[slot * self.slot_bytes: (slot + 1) * self.slot_bytes])
-
-    def lease(self, slot: int, table) -> Batch:
-        """(caller) The batch `writer` wrote into `slot`, as views of the slot; the slot is freed once they are
-        all dropped."""
-        base = slot * self.slot_bytes
-        # frombuffer of a fresh memoryview: the fields' numpy base is this array, so its finalizer fires exactly
-        # when the last field tensor (torch.from_numpy keeps its array alive) is gone
-        data = np.frombuffer(memoryview(self.buffer.numpy())[base: base + self.slot_bytes], dtype=np.uint8)
-        fields = {name: data[at: at + nbytes].view(dtype).reshape(shape) for name, dtype, shape, at, nbytes in table}
-        weakref.finalize(data, self._release, slot)
-        return batch_from_fields(fields)
-
-    def _release(self, slot: int) -> None:
-        self.free.numpy()[slot] = 1
-
-
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN + _SKEW
-
-
-class _SlotWriter:
-    """The `alloc` of collate's *_fields functions for one slot: fields back to back, each at a different offset
-    within a page; `table` records where each went."""
-
-    def __init__(self, data: np.ndarray):
-        self.data, self.offset = data, 0
-        self.table: List[Tuple[str, str, Tuple[int, ...], int, int]] = []
-
-    def __call__(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-        dt = np.dtype(dtype)
-        nbytes = math.prod(shape) * dt.itemsize
-        at = self.offset
-        if at + nbytes > len(self.data):
-            raise RuntimeError(f"batch field {name} of {nbytes} bytes at {at} exceeds the ring slot of "
-                               f"{len(self.data)} bytes")
-        self.offset = at + _padded(nbytes)
-        self.table.append((name, dt.str, shape, at, nbytes))
-        return self.data[at: at + nbytes].view(dt).reshape(shape)
 
 
 class WorkerPool:

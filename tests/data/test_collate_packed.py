@@ -1,4 +1,4 @@
-"""The loader's hot path (read_row + collate_packed) against the reference path (layout_row + collate), the
+"""The loader's hot path (read_rows + collate_packed) against the reference path (layout_row + collate), the
 latents/noisy_latents aliasing, and BatchRing slot writing and leasing."""
 
 import dataclasses
@@ -11,11 +11,12 @@ from fixtures import random_docs, write_dataset
 
 from megafusion.config.schema import ObjectiveConfig
 from megafusion.data.batch import Batch
-from megafusion.data.collate import collate, collate_packed, collate_packed_fields
+from megafusion.data.batch_ring import BatchRing
+from megafusion.data.collate import collate
+from megafusion.data.collate_packed import collate_packed, collate_packed_fields
 from megafusion.data.indexed import MultimodalDataset
 from megafusion.data.loader import MicroBatchDataset
-from megafusion.data.packing import RowPlanner, layout_row, read_row
-from megafusion.data.workers import BatchRing
+from megafusion.data.packing import RowPlanner, layout_row, read_rows
 from megafusion.objectives.flow_matching import noise_batch
 
 SHAPE = (4, 8, 8)
@@ -46,20 +47,21 @@ def test_collate_packed_equals_collate_of_layouts(dataset, seq_length):
     for b in (1, 2, 3):
         for i in range(0, len(plans) - b + 1, b):
             ref = collate([layout_row(dataset, p, P) for p in plans[i: i + b]], seq_length, PATCH_DIM).validate()
-            got = collate_packed([read_row(dataset, p) for p in plans[i: i + b]], seq_length, P, PATCH_DIM,
-                                 dataset.frame_token).validate()
-            for f in dataclasses.fields(Batch):
-                x, y = getattr(ref, f.name), getattr(got, f.name)
-                assert (x is None) == (y is None), f.name
-                if x is not None:
-                    assert x.dtype == y.dtype and torch.equal(x, y), (f.name, b, i)
+            # the rows as one table, and as one table per row (as rows of different datasets would be)
+            for tables in ([read_rows(dataset, plans[i: i + b])], [read_rows(dataset, [p]) for p in plans[i: i + b]]):
+                got = collate_packed(tables, seq_length, P, PATCH_DIM, dataset.frame_token).validate()
+                for f in dataclasses.fields(Batch):
+                    x, y = getattr(ref, f.name), getattr(got, f.name)
+                    assert (x is None) == (y is None), f.name
+                    if x is not None:
+                        assert x.dtype == y.dtype and torch.equal(x, y), (f.name, b, i, len(tables))
             checked += 1
     assert checked > 10
 
 
 def test_collate_packed_writes_every_field_into_given_arrays(dataset):
     plans = _plans(dataset, 64)[:2]
-    rows = [read_row(dataset, p) for p in plans]
+    rows = [read_rows(dataset, plans)]
     given = {}
 
     def alloc(name, shape, dtype):
@@ -79,12 +81,12 @@ def test_collate_packed_writes_every_field_into_given_arrays(dataset):
 def test_collate_packed_rejects_overfull_row(dataset):
     plan = _plans(dataset, 64)[0]
     with pytest.raises(ValueError, match="more than seq_length"):
-        collate_packed([read_row(dataset, plan)], 8, P, PATCH_DIM, dataset.frame_token)
+        collate_packed([read_rows(dataset, [plan])], 8, P, PATCH_DIM, dataset.frame_token)
 
 
 def test_noisy_latents_alias_latents_until_noised(dataset):
     plans = _plans(dataset, 64)
-    batch = collate_packed([read_row(dataset, p) for p in plans[:2]], 64, P, PATCH_DIM, dataset.frame_token)
+    batch = collate_packed([read_rows(dataset, plans[:2])], 64, P, PATCH_DIM, dataset.frame_token)
     assert batch.noisy_latents is batch.latents
     before = batch.latents.clone()
     out = noise_batch(batch, ObjectiveConfig(), torch.Generator().manual_seed(0))
@@ -120,3 +122,15 @@ def test_ring_lease_views_slot_and_frees_it_when_dropped(dataset):
     del kept
     gc.collect()
     assert ring.take(0, 2) == s0 and ring.take(1, 1) == -1 and s1 == 1
+
+
+def test_ring_writes_the_most_recently_released_slot_next():
+    ring = BatchRing(4, [64])
+    slots = [ring.take() for _ in range(4)]
+    assert slots == [0, 1, 2, 3] and ring.take() == -1
+    for slot in (2, 0, 3):  # released in this order: 3 is the most recent, then 0, then 2
+        ring.release(slot)
+    assert [ring.take(), ring.take(), ring.take(), ring.take()] == [3, 0, 2, -1]
+    ring.release(1)
+    ring.release(2)
+    assert ring.take(0, 2) == 1  # the newest free one within the range asked for

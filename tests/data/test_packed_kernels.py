@@ -6,19 +6,21 @@ segments. Dataset-read rows are compared in test_collate_packed.py."""
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from megafusion.data.batch import Batch
-from megafusion.data.collate import (FramePart, PackedRow, SequenceLayout, TextPart, collate, collate_packed,
-                                     patchify)
+from megafusion.data.collate import FramePart, SequenceLayout, TextPart, collate, patchify
+from megafusion.data.collate_packed import SegmentTable, collate_packed
 from megafusion.data.special_tokens import SPECIAL_TOKENS as ST
 
 C, H, W = 3, 12, 12
 
 
-def _row(segments, rng):
-    """PackedRow and the equivalent SequenceLayout of segments given as lists of token ids (ST.frame = a frame)."""
-    tokens, frames, layout = [], [], SequenceLayout()
+def _row(segments, rng, p=2):
+    """(segments, frames) for SegmentTable.from_rows and the equivalent SequenceLayout of segments given as lists
+    of token ids (ST.frame = a frame)."""
+    frames, layout = [], SequenceLayout()
     for seg in segments:
         parts, text = [], []
         for tok in seg:
@@ -28,19 +30,19 @@ def _row(segments, rng):
                     text = []
                 frame = rng.standard_normal((1, C, H, W)).astype(np.float32)
                 frames.append(frame)
-                parts.append(FramePart(patchify(frame, 2)[0]))
+                parts.append(FramePart(patchify(frame, p)[0]))
             else:
                 text.append(tok)
         if text:
             parts.append(TextPart(np.array(text)))
         layout.documents.append(parts)
-        tokens += seg
-    return PackedRow(np.array(tokens, dtype=np.int32), [len(s) for s in segments], frames), layout
+    return (segments, frames), layout
 
 
-def test_collate_packed_edge_rows_equal_collate():
+@pytest.mark.parametrize("p", [1, 2, 3, 4])  # units of float32 moved per copy: 4, 8, 4 and 8 bytes (k = 1, 1, 3, 2)
+def test_collate_packed_edge_rows_equal_collate(p):
     rng = np.random.default_rng(0)
-    ppf, f = (H // 2) * (W // 2), ST.frame
+    ppf, f = (H // p) * (W // p), ST.frame
     seq_length = 2 * ppf + 7
     rows = [
         [[20, 21, f, 22], [f, 23]],  # a segment that opens with a frame
@@ -48,12 +50,40 @@ def test_collate_packed_edge_rows_equal_collate():
         [[f, f], [24], [25, 26, 27, 28, 29, 30]],  # back-to-back frames, a one-token segment; exactly full
         [[31]],
     ]
-    packed, layouts = zip(*(_row(segments, rng) for segments in rows))
+    packed, layouts = zip(*(_row(segments, rng, p) for segments in rows))
     assert sum(len(s) + (ppf - 1) * s.count(f) for s in rows[2]) == seq_length
-    ref = collate(list(layouts), seq_length, C * 4).validate()
-    got = collate_packed(list(packed), seq_length, 2, C * 4, f).validate()
-    for field in dataclasses.fields(Batch):
-        x, y = getattr(ref, field.name), getattr(got, field.name)
-        assert (x is None) == (y is None), field.name
-        if x is not None:
-            assert x.dtype == y.dtype and torch.equal(x, y), field.name
+    ref = collate(list(layouts), seq_length, C * p * p).validate()
+    # all rows in one table, and one table per row (each table's rows and frames continue the previous one's)
+    for tables in ([SegmentTable.from_rows(packed)], [SegmentTable.from_rows([row]) for row in packed]):
+        got = collate_packed(tables, seq_length, p, C * p * p, f).validate()
+        for field in dataclasses.fields(Batch):
+            x, y = getattr(ref, field.name), getattr(got, field.name)
+            assert (x is None) == (y is None), field.name
+            if x is not None:
+                assert x.dtype == y.dtype and torch.equal(x, y), field.name
+
+
+def test_collate_packed_refuses_bad_tables():
+    rng = np.random.default_rng(1)
+    (segments, frames), _ = _row([[20, ST.frame, 21]], rng)
+    with pytest.raises(ValueError, match="row 0 holds 1 FRAME tokens but 2 frames"):
+        SegmentTable.from_rows([(segments, frames * 2)])
+    table = SegmentTable.from_rows([(segments, frames)])
+    with pytest.raises(ValueError, match="row 0 holds 38 positions, more than seq_length=20"):
+        collate_packed([table], 20, 2, C * 4, ST.frame)
+    short = dataclasses.replace(table, frames_available=np.array([0]))
+    with pytest.raises(ValueError, match="segment 0: its FRAME tokens disagree with its 0 stored frames"):
+        collate_packed([short], 64, 2, C * 4, ST.frame)
+    exact = dataclasses.replace(table, frames_available=np.array([2]), exact=np.array([True]),
+                                latents=np.concatenate([table.latents] * 2))
+    with pytest.raises(ValueError, match="disagree with its 2 stored frames"):
+        collate_packed([exact], 64, 2, C * 4, ST.frame)
+    past = dataclasses.replace(table, latent_start=np.array([5]))
+    with pytest.raises(ValueError, match="reach past the 432 stored values"):
+        collate_packed([past], 64, 2, C * 4, ST.frame)
+    with pytest.raises(ValueError, match="patches of 12 values with model.patch_size=2, but patch_dim=16"):
+        collate_packed([table], 64, 2, 16, ST.frame)
+    empty = dataclasses.replace(table, length=np.array([0]))
+    with pytest.raises(ValueError, match="segment 0 is empty"):
+        collate_packed([empty], 64, 2, C * 4, ST.frame)
+

@@ -141,3 +141,38 @@ def test_frame_token_without_latent_is_named(tmp_path):
     ds = MultimodalDataset(write_dataset(str(tmp_path / "f"), docs, SHAPE))
     with pytest.raises(DatasetFormatError, match="document 1 has 1 FRAME tokens but 0 latent sequences"):
         _pack(ds, 24)
+
+
+@pytest.mark.parametrize("seq_length", [17, 24, 48, 100])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_compiled_planning_equals_add(mixed, seq_length, chunk):
+    """RowPlanner.add_from (compiled) gives add's rows and open row, however the rows are asked for, and a
+    snapshot at the first document boundary after each change of the completed-row count."""
+    ds, _ = mixed
+    order = np.random.default_rng(seq_length).permutation(len(ds))
+    ref = RowPlanner(ds, seq_length, PPF)
+    boundaries = []  # (rows completed, order index, fill, open row) before each document
+    for i, d in enumerate(order):
+        boundaries.append((len(ref.rows), i, ref.fill, [list(s) for s in ref._segments]))
+        ref.add(int(d))
+    want_snaps = [b for k, b in enumerate(boundaries) if k > 0 and b[0] != boundaries[k - 1][0]]
+    got = RowPlanner(ds, seq_length, PPF)
+    start, snaps = 0, []
+    while start < len(order):
+        start, new = got.add_from(order, start, chunk, snaps[-1]["rows"] if snaps else 0)
+        snaps += new
+    assert len(got.rows) == len(ref.rows) > 5
+    assert all(np.array_equal(a, b) for a, b in zip(got.rows, ref.rows))
+    assert got._segments == ref._segments and got.fill == ref.fill
+    assert [(s["rows"], s["next_doc"], s["fill"], s["open"]) for s in snaps] == want_snaps
+
+
+def test_compiled_planning_names_a_bad_document(tmp_path):
+    from megafusion.data.indexed import DatasetFormatError
+
+    # document 1 holds two FRAME tokens but one latent, and does not fit whole in a row: the walk finds it
+    docs = [([ST.bos, 30, ST.eos], np.zeros((0,) + SHAPE)),
+            ([ST.bos] + [31] * 20 + [ST.boi, ST.frame, ST.frame, ST.eoi, ST.eos], np.zeros((1,) + SHAPE))]
+    ds = MultimodalDataset(write_dataset(str(tmp_path / "f"), docs, SHAPE))
+    with pytest.raises(DatasetFormatError, match="document 1 has 2 FRAME tokens but 1 latent sequences"):
+        RowPlanner(ds, 24, PPF).add_from(np.arange(2), 0, 10, 0)
