@@ -9,11 +9,11 @@ Two inputs, one contract (megafusion.data.batch.Batch), identical batches for id
   loader's hot path, written by compiled loops.
 
 Both write every field into arrays they ask `alloc(name, shape, dtype)` for (`*_fields` return them by name;
-the loader's allocator places them in a recycled slot of a BatchRing, see batch_ring.py); `batch_from_fields` wraps
-such arrays as a Batch without copies. Deciding *what* goes into a row (packing, never splitting a frame) is the
-packer's job; this module only writes the contract. `latents` and `noisy_latents` of a collated Batch are the same
-tensor (noisy_latents = latents before noising): consumers must not write either in place — the flow-matching objective
-(megafusion.objectives.flow_matching.noise_batch) returns fresh tensors for every field it fills.
+a loader worker's allocator places them in its shared-memory slot, see batch_ring.py); `batch_from_fields`
+wraps such arrays as a Batch without copies. Deciding *what* goes into a row (packing, never splitting a frame) is
+the packer's job; this module only writes the contract. `latents` and `noisy_latents` of a collated Batch are the
+same tensor (noisy_latents = latents before noising): consumers must not write either in place — the flow-matching
+objective (megafusion.objectives.flow_matching.noise_batch) returns fresh tensors for every field it fills.
 
 `patchify` cuts [F, C, H, W] latents into p x p patches in raster order, each patch vector (C, p, p) flattened:
 [F, (H/p)*(W/p), C*p*p]; `unpatchify` is its inverse.

@@ -11,8 +11,8 @@ global sample i of split s is `SyntheticDocuments(seed=(data.seed, s, i)).row()`
 and DP-shardable by the same sample indices.
 
 Work split: planning (which documents and token ranges form each row: metadata only, cheap), reading tokens and
-latents, patchify and collation (packing.read_rows + collate_packed.collate_packed_fields). With num_workers = 0 all of it
-runs in the calling process; with `data.num_workers` > 0 each background process (workers.py) plans and builds
+latents, patchify and collation (packing.read_rows + collate_packed.collate_packed_fields). With num_workers = 0
+all of it runs in the calling process; with `data.num_workers` > 0 each background process (workers.py) plans and builds
 every num_workers-th micro-batch into a shared-memory ring whose slots are leased to the caller, so reading long
 inputs overlaps the training step and the caller only wraps finished batches. Both yield identical batches. In
 every Batch the loader hands out, noisy_latents is the latents tensor itself (see collate.py): do not write either
