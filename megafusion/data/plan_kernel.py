@@ -14,6 +14,23 @@ from numba import njit
 
 
 @njit(cache=True)
+def _put(segs, n_segs, doc, start, end, first_frame):
+    """Append segment (doc, start, end, first_frame); returns the new segment count."""
+    segs[n_segs, 0] = doc
+    segs[n_segs, 1] = start
+    segs[n_segs, 2] = end
+    segs[n_segs, 3] = first_frame
+    return n_segs + 1
+
+
+@njit(cache=True)
+def _close(row_ends, n_rows, n_segs):
+    """Complete the open row at segment n_segs: returns (completed rows, first open segment, fill)."""
+    row_ends[n_rows] = n_segs
+    return n_rows + 1, n_segs, 0
+
+
+@njit(cache=True)
 def plan_documents(order, start, need_rows, seq_length, ppf, token_lengths, frame_counts, positions, tokens,
                    token_start, frame_token, boi_token, fill, segs, n_segs, row_ends, snaps, snap_rows):
     """Add documents order[start], order[start + 1], ... to the packed stream.
@@ -52,33 +69,19 @@ def plan_documents(order, start, need_rows, seq_length, ppf, token_lengths, fram
             pos = 0
             while pos < n:
                 take = min(n - pos, S - fill)
-                segs[n_segs, 0] = doc
-                segs[n_segs, 1] = pos
-                segs[n_segs, 2] = pos + take
-                segs[n_segs, 3] = 0
-                n_segs += 1
+                n_segs = _put(segs, n_segs, doc, pos, pos + take, 0)
                 fill += take
                 pos += take
                 if fill == S:
-                    row_ends[n_rows] = n_segs
-                    n_rows += 1
-                    open_start = n_segs
-                    fill = 0
+                    n_rows, open_start, fill = _close(row_ends, n_rows, n_segs)
             i += 1
             continue
         total = positions[doc]
         if total <= S - fill:  # the whole document fits: one segment
-            segs[n_segs, 0] = doc
-            segs[n_segs, 1] = 0
-            segs[n_segs, 2] = n
-            segs[n_segs, 3] = 0
-            n_segs += 1
+            n_segs = _put(segs, n_segs, doc, 0, n, 0)
             fill += total
             if fill == S:
-                row_ends[n_rows] = n_segs
-                n_rows += 1
-                open_start = n_segs
-                fill = 0
+                n_rows, open_start, fill = _close(row_ends, n_rows, n_segs)
             i += 1
             continue
         # walk the frames: their positions in the document and whether BOI directly precedes each
@@ -127,22 +130,12 @@ def plan_documents(order, start, need_rows, seq_length, ppf, token_lengths, fram
             if end == pos:
                 if fill == 0:
                     return i, fill, n_segs, n_rows, n_snaps, -2
-                row_ends[n_rows] = n_segs
-                n_rows += 1
-                open_start = n_segs
-                fill = 0
+                n_rows, open_start, fill = _close(row_ends, n_rows, n_segs)
                 continue
-            segs[n_segs, 0] = doc
-            segs[n_segs, 1] = pos
-            segs[n_segs, 2] = end
-            segs[n_segs, 3] = j
-            n_segs += 1
+            n_segs = _put(segs, n_segs, doc, pos, end, j)
             fill += cost
             pos, j = end, k
             if full:
-                row_ends[n_rows] = n_segs
-                n_rows += 1
-                open_start = n_segs
-                fill = 0
+                n_rows, open_start, fill = _close(row_ends, n_rows, n_segs)
         i += 1
     return i, fill, n_segs, n_rows, n_snaps, -1
