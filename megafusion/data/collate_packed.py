@@ -95,22 +95,18 @@ def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch
     b, S, p = sum(t.rows for t in tables), seq_length, patch_size
     if b == 0:
         raise ValueError("collate_packed: no rows")
-    seg_frames, n_frames, shapes = [], 0, set()
+    seg_frames, n_frames, shapes, where = [], 0, set(), np.zeros(2, dtype=np.int64)
     for i, t in enumerate(tables):
-        _check_table(t)
+        _check_lengths(t)
         frames = np.empty(len(t.length), dtype=np.int64)
         used = np.empty(t.rows, dtype=np.int64)
-        bad = scan_segments(t.tokens, t.token_start, t.length, t.row_segments, t.frames_available, t.exact,
-                            frame_token, _patches_per_frame(t.frame_shape, p), frames, used)
-        if bad >= 0:
-            _raise_bad_segment(t, bad)
-        if (used > S).any():
-            r = int(np.flatnonzero(used > S)[0])
-            raise ValueError(f"row {sum(u.rows for u in tables[:i]) + r} holds {used[r]} positions, "
-                             f"more than seq_length={S}")
-        has = frames > 0
-        numel = math.prod(t.frame_shape)
-        if has.any():
+        problem = scan_segments(t.tokens, t.token_start, t.length, t.row_segments, t.frames_available, t.exact,
+                                t.latent_start, math.prod(t.frame_shape), len(t.latents), frame_token,
+                                _patches_per_frame(t.frame_shape, p), S, frames, used, where)
+        if problem:
+            _raise_problem(t, problem, where, sum(u.rows for u in tables[:i]), S)
+        count = int(frames.sum())
+        if count:
             shapes.add(tuple(t.frame_shape))
             c, h, w = t.frame_shape
             if h % p or w % p:
@@ -118,10 +114,8 @@ def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch
             if c * p * p != patch_dim:
                 raise ValueError(f"frames of {c} channels give patches of {c * p * p} values with "
                                  f"model.patch_size={p}, but patch_dim={patch_dim}")
-            if int((t.latent_start[has] + frames[has] * numel).max()) > len(t.latents):
-                raise ValueError(f"collate_packed: segment frames reach past the {len(t.latents)} stored values")
-        seg_frames.append(frames)
-        n_frames += int(frames.sum())
+        seg_frames.append(count)
+        n_frames += count
     if len(shapes) > 1:
         raise ValueError(f"collate_packed: the rows' frames have different shapes {sorted(shapes)}")
 
@@ -130,8 +124,7 @@ def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch
     ppf = _patches_per_frame(shapes.pop(), p) if shapes else 1
     lat = alloc("latents", (n_frames * ppf, patch_dim), np.float32)
     r0 = f0 = 0
-    for t, frames in zip(tables, seg_frames):
-        n = int(frames.sum())
+    for t, n in zip(tables, seg_frames):
         patches = lat[f0 * ppf: (f0 + n) * ppf].reshape(n, ppf, patch_dim)
         src, starts, row_units, k, scale, dst, widen = _units(t, p, patches)
         c, h, _ = t.frame_shape
@@ -149,7 +142,6 @@ def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch
 _POSITION_FIELDS = (("tokens", np.int64), ("labels", np.int64), ("loss_mask", np.float32), ("modality", np.int64),
                     ("block_ids", np.int64), ("document_ids", np.int64), ("context_start", np.int64),
                     ("noised", np.bool_))
-_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _patches_per_frame(frame_shape, p: int) -> int:
@@ -157,20 +149,28 @@ def _patches_per_frame(frame_shape, p: int) -> int:
     return (h // p) * (w // p)
 
 
-def _check_table(t: SegmentTable) -> None:
+def _check_lengths(t: SegmentTable) -> None:
     n = len(t.length)
     for name in ("token_start", "latent_start", "frames_available", "exact"):
         if len(getattr(t, name)) != n:
             raise ValueError(f"SegmentTable.{name} has {len(getattr(t, name))} entries for {n} segments")
-    if int(t.row_segments.sum()) != n:
-        raise ValueError(f"SegmentTable: rows hold {int(t.row_segments.sum())} segments but {n} are given")
-    if n and (int(t.token_start.min()) < 0 or int((t.token_start + t.length).max()) > len(t.tokens)):
-        raise ValueError(f"collate_packed: segment tokens reach outside the {len(t.tokens)} stored tokens")
 
 
-def _raise_bad_segment(t: SegmentTable, g: int) -> None:
-    if t.length[g] <= 0:
+def _raise_problem(t: SegmentTable, problem: int, where: np.ndarray, first_row: int, seq_length: int) -> None:
+    """The error for what packed_kernels.scan_segments found (rows are numbered within the micro-batch)."""
+    from megafusion.data import packed_kernels as K
+
+    g = int(where[0])
+    if problem == K.SEGMENT_COUNT:
+        raise ValueError(f"SegmentTable: rows hold {g} segments but {len(t.length)} are given")
+    if problem == K.EMPTY_SEGMENT:
         raise ValueError(f"segment {g} is empty; a row plan holds non-empty segments")
+    if problem == K.TOKENS_OUTSIDE:
+        raise ValueError(f"collate_packed: segment {g}'s tokens reach outside the {len(t.tokens)} stored tokens")
+    if problem == K.LATENTS_OUTSIDE:
+        raise ValueError(f"collate_packed: segment {g}'s frames reach past the {len(t.latents)} stored values")
+    if problem == K.ROW_OVERFULL:
+        raise ValueError(f"row {first_row + g} holds {int(where[1])} positions, more than seq_length={seq_length}")
     if t.explain is not None:
         t.explain(g)
     raise ValueError(f"segment {g}: its FRAME tokens disagree with its {int(t.frames_available[g])} stored frames")
@@ -182,9 +182,9 @@ def _units(t: SegmentTable, p: int, patches: np.ndarray):
     c, h, w = t.frame_shape
     src, stored = t.latents, t.latent_dtype
     if stored == torch.float32 and src.dtype == np.float32:
-        # the widest unit dividing a run of p values and every segment's byte offset
-        unit = int(np.gcd.reduce(np.concatenate([[4 * p, 8], 4 * t.latent_start])))
-        wide, per = _UNSIGNED[unit], unit // 4
+        # two values per uint64 when a run of p values and every segment's start allow it, else one per uint32
+        per = 2 if p % 2 == 0 and not (t.latent_start & 1).any() else 1
+        wide = np.uint64 if per == 2 else np.uint32
         return (src[: len(src) // per * per].view(wide), t.latent_start // per, w // per, p // per, wide(1),
                 patches.view(wide), False)
     if stored == torch.bfloat16 and src.dtype == np.uint16:

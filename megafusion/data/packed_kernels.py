@@ -4,7 +4,8 @@ Built with numpy, a micro-batch costs a dozen calls per field (np.repeat over pe
 shifted copies, a strided copy of the frames out of the memory map and then their transpose into patches), each a
 few µs of overhead, plus Python work per segment: more than reading the bytes. Here two passes do it all:
 
-- `scan_segments` counts each segment's FRAME tokens (how many stored frames it takes) and each row's positions;
+- `scan_segments` counts each segment's FRAME tokens (how many stored frames it takes) and each row's positions,
+  and checks the table (bounds, frame counts, row lengths), so that `write_rows` can trust it;
 - `write_rows` reads each segment's tokens from the token map and writes every position of every per-position
   field once, and where a FRAME stands, reads that frame from the latent map and writes its patches (widening
   16-bit values on the way).
@@ -19,33 +20,54 @@ from __future__ import annotations
 from numba import njit
 
 
-@njit(cache=True)
-def scan_segments(tokens, token_start, length, row_segments, frames_available, exact, frame_token, ppf,
-                  seg_frames, used) -> int:
-    """Fill seg_frames[g] (FRAME tokens of segment g) and used[r] (positions row r fills: a FRAME is ppf).
+# what scan_segments found wrong (0: nothing); `where` says which segment (or row, and its positions)
+SEGMENT_COUNT, EMPTY_SEGMENT, FRAME_COUNT, TOKENS_OUTSIDE, LATENTS_OUTSIDE, ROW_OVERFULL = 1, 2, 3, 4, 5, 6
 
-    Returns -1, or the first segment that is empty (length <= 0), or that holds more FRAMEs than it has stored
-    frames (frames_available), or another number where `exact` (a whole document must use all of its frames).
+
+@njit(cache=True)
+def scan_segments(tokens, token_start, length, row_segments, frames_available, exact, latent_start, frame_numel,
+                  n_latents, frame_token, ppf, seq_length, seg_frames, used, where) -> int:
+    """Count seg_frames[g] (FRAME tokens of segment g) and used[r] (positions row r fills: a FRAME is ppf), and
+    check the table: the rows hold exactly its segments; no segment is empty, reaches outside `tokens`, holds
+    more FRAMEs than it has stored frames (frames_available; exactly that many where `exact`: a whole document),
+    or reaches past the n_latents stored values; no row holds more than seq_length positions.
+
+    Returns 0, or the first problem's code (the constants above) with where[0] = the segment (or row; then
+    where[1] = its positions).
     """
+    total = 0
+    for r in range(row_segments.shape[0]):
+        total += row_segments[r]
+    if total != length.shape[0]:
+        where[0] = total
+        return SEGMENT_COUNT
     g = 0
     for r in range(row_segments.shape[0]):
         u = 0
         for _ in range(row_segments[r]):
             n = length[g]
+            where[0] = g
             if n <= 0:
-                return g
+                return EMPTY_SEGMENT
             a = token_start[g]
+            if a < 0 or a + n > tokens.shape[0]:
+                return TOKENS_OUTSIDE
             frames = 0
             for i in range(a, a + n):
                 if tokens[i] == frame_token:
                     frames += 1
             if frames > frames_available[g] or (exact[g] and frames != frames_available[g]):
-                return g
+                return FRAME_COUNT
+            if frames and (latent_start[g] < 0 or latent_start[g] + frames * frame_numel > n_latents):
+                return LATENTS_OUTSIDE
             seg_frames[g] = frames
             u += n + frames * (ppf - 1)
             g += 1
         used[r] = u
-    return -1
+        if u > seq_length:
+            where[0], where[1] = r, u
+            return ROW_OVERFULL
+    return 0
 
 
 @njit(cache=True)

@@ -86,4 +86,12 @@ def test_collate_packed_refuses_bad_tables():
     empty = dataclasses.replace(table, length=np.array([0]))
     with pytest.raises(ValueError, match="segment 0 is empty"):
         collate_packed([empty], 64, 2, C * 4, ST.frame)
+    outside = dataclasses.replace(table, token_start=np.array([1]))
+    with pytest.raises(ValueError, match="segment 0's tokens reach outside the 3 stored tokens"):
+        collate_packed([outside], 64, 2, C * 4, ST.frame)
+    miscounted = dataclasses.replace(table, row_segments=np.array([2]))
+    with pytest.raises(ValueError, match="rows hold 2 segments but 1 are given"):
+        collate_packed([miscounted], 64, 2, C * 4, ST.frame)
+    with pytest.raises(ValueError, match="frames_available has 2 entries for 1 segments"):
+        collate_packed([dataclasses.replace(table, frames_available=np.array([1, 1]))], 64, 2, C * 4, ST.frame)
 
