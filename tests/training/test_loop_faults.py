@@ -134,8 +134,10 @@ def test_kill9_during_save_then_resume(tmp_path):
     overrides = [o for o in BASE if not o.startswith("checkpoint.save_at_end")] + [
         "training.train_steps=4", "checkpoint.save_interval=1", f"checkpoint.save_dir={tmp_path}/ckpt"]
     cmd = [sys.executable, "-m", "megafusion.cli", "train", "--config", "tiny", *overrides]
+    # one intra-op thread, like the run_train processes (tests/distributed.py): the checkpoint this run leaves
+    # must hold bitwise the weights a 1-thread run computes, or the resumed run cannot match the straight one
     proc = subprocess.Popen(cmd + [f"training.run_dir={tmp_path}/killed"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt = tmp_path / "ckpt"
     deadline = time.time() + 300
     try:
