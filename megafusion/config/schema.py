@@ -17,6 +17,7 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 MOE_MODALITIES = ("text", "image")
 MOE_LOAD_BALANCING = ("aux_loss", "none")
 MOE_DISPATCHERS = ("alltoall", "allgather")
+CAPTIONING_RULES = ("transfusion", "bagel")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -214,6 +215,19 @@ class ObjectiveConfig:
     """Shift s >= 1 moves t towards noise for large latents: t' = t / (t + s * (1 - t)); 1 = no shift."""
     cond_dropout: float = 0.1
     """Probability that an image's text conditioning is dropped (classifier-free guidance training)."""
+    captioning: str = "transfusion"
+    """How text that follows an image learns to read it (docs/objectives.md, "Captioning"):
+    transfusion: a fraction `caption_fraction` of the media items followed by text in their document get flow
+    times limited to the cleaner half, t >= caption_min_t (Transfusion's rule; no extra positions); generation
+    appends a finished image as a noised block at t = 1.
+    bagel: every frame is laid out twice, a noised copy trained with flow matching and a clean copy after it that
+    later positions read; the noised copy is invisible outside its block (needs model.hide_noised_latents=true);
+    generation appends a clean copy after the positions of the noised one. Costs twice the latent positions."""
+    caption_fraction: float = 0.2
+    """transfusion captioning: probability that a media item followed by text in its document has its noise
+    limited to t >= caption_min_t (the Transfusion paper limits 20% of image-caption pairs)."""
+    caption_min_t: float = 0.5
+    """transfusion captioning: the lowest flow time of such an item (0.5 = the cleaner half; t = 1 is clean)."""
 
     def __post_init__(self):
         s = "objective"
@@ -225,6 +239,9 @@ class ObjectiveConfig:
         _check(self.timestep_shift >= 1.0, f"{s}.timestep_shift={self.timestep_shift} must be >= 1")
         _check(self.logit_normal_std > 0, f"{s}.logit_normal_std must be positive")
         _check(0.0 <= self.cond_dropout < 1.0, f"{s}.cond_dropout={self.cond_dropout} must be in [0, 1)")
+        _choice(s, "captioning", self.captioning, CAPTIONING_RULES)
+        _check(0.0 <= self.caption_fraction <= 1.0, f"{s}.caption_fraction={self.caption_fraction} must be in [0, 1]")
+        _check(0.0 <= self.caption_min_t < 1.0, f"{s}.caption_min_t={self.caption_min_t} must be in [0, 1)")
 
 
 @dataclass
@@ -391,7 +408,12 @@ class Config:
                    f"parallel.sequence_parallel=true splits the sequence over TP: data.seq_length="
                    f"{self.data.seq_length} must be divisible by tensor_model_parallel_size={tp}")
         self._check_moe()
-        frame = m.patches_per_frame + 2  # BOI + patches + EOI
+        if self.objective.captioning == "bagel":
+            _check(m.hide_noised_latents, "objective.captioning=bagel needs model.hide_noised_latents=true (the "
+                   "noised copy of each frame must be invisible to later positions); set it, or use "
+                   "objective.captioning=transfusion")
+        copies = 2 if self.objective.captioning == "bagel" else 1
+        frame = copies * m.patches_per_frame + 2  # BOI + patches (+ the clean copy) + EOI
         _check(frame <= self.data.seq_length,
                f"one image needs {frame} positions (model.latent_size/patch_size squared + BOI/EOI) but "
                f"data.seq_length={self.data.seq_length}; raise data.seq_length or model.patch_size")

@@ -4,11 +4,15 @@ A megatron LanguageModule (so embedding/output tying, sharded_state_dict for dis
 plumbing are megatron's). Parameter names follow GPTModel: embedding.word_embeddings, decoder.layers.*,
 decoder.final_layernorm, output_layer; plus embedding.patch_embed, embedding.timestep_embed and velocity_head.
 
-forward(batch, layout=None):
+forward(batch, layout=None, inference_context=None):
     layout = AttentionLayout.from_batch(batch, config.hide_noised_latents)   (once per micro-batch)
     pre_process stage:  hidden = embedding(batch)  [s, b, h];  other stages take megatron's set_input_tensor
     hidden = decoder(hidden, attention_mask=layout, rotary_pos_emb=RoPE(0..s-1))   [s, b, h]
     post_process stage: ModelOutput(logits [s, b, V_padded/tp], velocity [N, patch_dim]); others: hidden
+Generation passes its state as `inference_context` (megafusion.inference.kv_cache.InferenceStep, the counterpart
+of megatron GPTModel's inference_context): the batch then holds only the new positions, RoPE angles come from
+the context's per-row `positions`, attention reads and writes its KV cache (through the layout), and logits are
+computed only at the context's `logit_positions` (one per row; None = no logits, e.g. a denoising step).
 Under sequence parallelism (config.sequence_parallel, TP > 1) hidden states between the embedding and the heads
 are this rank's slice [s/tp, b, h]: the embedding scatters, megatron's linears gather / reduce-scatter around
 attention, ModalityMLP gathers to route rows by modality, and both heads gather.
@@ -104,17 +108,40 @@ class MultimodalModel(LanguageModule):
     def build_layout(self, batch: Batch) -> AttentionLayout:
         return AttentionLayout.from_batch(batch, self.config.hide_noised_latents)
 
-    def forward(self, batch: Batch, layout: Optional[AttentionLayout] = None) -> Union[ModelOutput, torch.Tensor]:
+    def forward(self, batch: Batch, layout: Optional[AttentionLayout] = None,
+                inference_context=None) -> Union[ModelOutput, torch.Tensor]:
         if layout is None:
             layout = self.build_layout(batch)
+        if inference_context is not None:
+            if self.config.sequence_parallel:
+                raise ValueError("generation runs without sequence parallelism; build the model with "
+                                 "parallel.sequence_parallel=false")
+            layout.inference = inference_context
+            rotary_pos_emb = self._rotary_at(inference_context.positions, layout.device)
+        else:
+            rotary_pos_emb = self._rotary_embedding(batch.seq_length, layout.device)
         decoder_input = self.embedding(batch, layout) if self.pre_process else None
-        rotary_pos_emb = self._rotary_embedding(batch.seq_length, layout.device)
         hidden_states = self.decoder(hidden_states=decoder_input, attention_mask=layout, rotary_pos_emb=rotary_pos_emb)
         if not self.post_process:
             return hidden_states  # [s, b, h]
+        velocity = self.velocity_head(hidden_states, layout)
+        if inference_context is not None:
+            positions = inference_context.logit_positions
+            if positions is None:
+                return ModelOutput(logits=None, velocity=velocity)
+            rows = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+            hidden_states = hidden_states[positions.to(hidden_states.device), rows].unsqueeze(0)  # [1, b, h]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=weight)  # [s, b, V_padded / tp]
-        return ModelOutput(logits=logits, velocity=self.velocity_head(hidden_states, layout))
+        return ModelOutput(logits=logits, velocity=velocity)
+
+    def _rotary_at(self, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """RoPE angles [n, b, 1, d] of per-row positions [b, n]: rows of the same table `_rotary_embedding` builds,
+        so a position gets bitwise the angles it gets in a full-sequence forward."""
+        top = int(positions.max().item()) + 1 if positions.numel() else 1
+        size = 1 << max(top - 1, 1).bit_length()  # a few table sizes, cached
+        table = self._rotary_embedding(size, device)[:, 0, 0, :]  # [size, d]
+        return table[positions.to(device).transpose(0, 1)].unsqueeze(2)
 
     def _rotary_embedding(self, seq_length: int, device: torch.device) -> torch.Tensor:
         """RoPE angles [s, 1, 1, d] of positions 0..s-1, cached per (length, device).

@@ -3,6 +3,10 @@
 It takes megatron's sequence-first q [s, b, nq, d] and k/v [s, b, nkv, d] (grouped-query: nkv divides nq, no
 head repetition needed) plus the AttentionLayout that megafusion passes as `attention_mask`, runs the configured
 backend, and returns [s, b, nq * d] like megatron's DotProductAttention.
+
+When the layout carries a generation state (`layout.inference`, see megafusion.inference.kv_cache), the new
+positions attend to the cached keys/values of earlier positions through it; the backend function is handed along
+for the cases it covers (a prompt run on an empty cache).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class HybridCoreAttention(MegatronModule):
             raise ValueError("HybridCoreAttention takes neither attention_bias nor packed_seq_params")
         s, b, nq, d = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        if attention_mask.inference is not None:
+            out = attention_mask.inference.attention(self.layer_number, q, k, v, attention_mask, self.softmax_scale,
+                                                     self._fn)
+            return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
         dropout = self.dropout_p if self.training else 0.0
         out = self._fn(q, k, v, attention_mask, self.softmax_scale, dropout)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)

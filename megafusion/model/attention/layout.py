@@ -15,12 +15,17 @@ The layout object is what megafusion passes through megatron's `attention_mask` 
 hands it unchanged to every layer, and the core attention (core_attention.py) and the modality FFN
 (modality_mlp.py) read it. Backends cache what they derive from it (a dense mask, segments, a flex BlockMask) in
 `cache`, so the work is done once per batch, not once per layer.
+
+During generation the layout covers only the positions being run (a prompt, one text token, one image block) and
+carries the inference state in `inference` (megafusion.inference.kv_cache.InferenceStep, handed to
+MultimodalModel.forward as `inference_context`): the core attention then attends those positions to the cached
+keys/values of earlier positions through it instead of running a backend over the layout alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -36,6 +41,7 @@ class AttentionLayout:
     modality: torch.Tensor  # [b, s] long
     hide_noised: bool = False
     cache: Dict[str, object] = field(default_factory=dict)
+    inference: Optional[Any] = None  # generation state (KV cache) read by the core attention; None in training
 
     @classmethod
     def from_batch(cls, batch: Batch, hide_noised: bool = False) -> "AttentionLayout":

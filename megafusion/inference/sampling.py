@@ -1,0 +1,48 @@
+"""Next-token choice from one row's logits: greedy, temperature, top-k, top-p, with the row's own generator.
+
+Every row samples with its own torch.Generator (seeded per prompt), one draw per sampled token, so a prompt gives
+the same tokens alone or in any batch, and a seed fixes the output. Tokens the model must never emit as text are
+masked first: the tensor-parallel padding of the vocabulary, PAD/BOS/UNK/FRAME and the spare reserved ids, EOI
+(the engine appends it after an image), and BOI when images are not allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megafusion.data.special_tokens import SPECIAL_TOKENS, SpecialTokens
+from megafusion.inference.settings import GenerationConfig
+
+
+def banned_ids(vocab_size: int, padded_vocab_size: int, allow_images: bool,
+               special: SpecialTokens = SPECIAL_TOKENS) -> torch.Tensor:
+    """[padded_vocab_size] bool, True for ids text sampling never returns."""
+    banned = torch.zeros(padded_vocab_size, dtype=torch.bool)
+    banned[vocab_size:] = True
+    banned[: special.num_reserved] = True
+    banned[special.eos] = False
+    if allow_images:
+        banned[special.boi] = False
+    return banned
+
+
+def sample_token(logits: torch.Tensor, settings: GenerationConfig, banned: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> int:
+    """logits [V] (one row, full vocabulary) -> a token id."""
+    scores = logits.float().cpu().masked_fill(banned, float("-inf"))
+    if settings.temperature == 0.0:
+        return int(torch.argmax(scores).item())
+    scores = scores / settings.temperature
+    if settings.top_k and settings.top_k < scores.numel():
+        kth = torch.topk(scores, settings.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
+        drop = before >= settings.top_p  # the most likely token is always kept
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator).item())
