@@ -164,8 +164,8 @@ class Engine:
             length = sum(len(seg) for seg in segs)
             need = length + (self.image_positions(row.frames) if force else 0)
             if need > self.context_length:
-                extra = f" + {self.image_positions(row.frames)} for the forced image" if force else ""
-                raise PromptTooLongError(f"prompt {p.id!r} needs {length}{extra} positions but the model's context "
+                extra = f" (+ {self.image_positions(row.frames)} for the forced image)" if force else ""
+                raise PromptTooLongError(f"prompt {p.id!r} needs {length} positions{extra} but the model's context "
                                          f"is {self.context_length} (data.seq_length of the checkpoint)")
             row.pending_image = force
             if force:

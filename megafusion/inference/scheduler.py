@@ -78,8 +78,8 @@ class FlowMatchScheduler:
         i, sub = divmod(self._index, self.order)
         self._index += 1
         h = float(self.grid[i + 1] - self.grid[i])
-        x = sample.float()
-        v = velocity.float()
+        dtype = torch.promote_types(sample.dtype, torch.float32)  # integrate in fp32 at least (fp64 stays fp64)
+        x, v = sample.to(dtype), velocity.to(dtype)
         if self.order == 1:
             return x + h * v
         if sub == 0:  # first call of a second-order step: go to the intermediate point
