@@ -1,7 +1,8 @@
 """`megafusion` command line (thin): parse, load the config tree, hand over to the package.
 
-    megafusion train  --config tiny [section.key=value ...]     # one process, or under torchrun
-    megafusion config --config tiny [section.key=value ...]     # print the resolved config
+    megafusion train    --config tiny [section.key=value ...]     # one process, or under torchrun
+    megafusion config   --config tiny [section.key=value ...]     # print the resolved config
+    megafusion generate --checkpoint RUN --prompts prompts.jsonl --out DIR [options]   # text and images
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default="tiny", help="a YAML file or a preset name in configs/ (default: tiny)")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.num_layers=4")
+    from megafusion.inference.cli import add_arguments as generate_arguments
+
+    generate_arguments(sub.add_parser("generate", help="generate text and images from a checkpoint"))
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "generate":
+        from megafusion.inference.cli import run
+
+        return run(args)
     from megafusion.config import load_config, to_yaml
 
     try:

@@ -152,10 +152,11 @@ class Engine:
         return segments
 
     # ------------------------------------------------------------------ the loop
-    def generate(self, prompts: List[Prompt], settings: GenerationConfig,
-                 on_model_call: Optional[Callable[[str], None]] = None) -> List[GenerationResult]:
-        if not prompts:
-            return []
+    def validate(self, prompts: List[Prompt], settings: GenerationConfig) -> None:
+        """Raise the error generate() would raise for a bad prompt (lengths, shapes, ids), computing nothing."""
+        self._prepare(prompts, settings)
+
+    def _prepare(self, prompts: List[Prompt], settings: GenerationConfig):
         rows, segments = [], []
         for p in prompts:
             force = settings.force_image if p.force_image is None else p.force_image
@@ -172,6 +173,15 @@ class Engine:
                 row.tokens.append(self.special.boi)
             rows.append(row)
             segments.append(segs)
+        return rows, segments
+
+    def generate(self, prompts: List[Prompt], settings: GenerationConfig,
+                 on_model_call: Optional[Callable[[str], None]] = None) -> List[GenerationResult]:
+        """Generate for a batch of prompts (see the module docstring); `on_model_call(kind)` is called after every
+        model forward (kind: prefill | decode | denoise), e.g. to drive a progress bar."""
+        if not prompts:
+            return []
+        rows, segments = self._prepare(prompts, settings)
         runner_cls = CachedRunner if self.use_cache else RecomputeRunner
         banned = banned_ids(self.vocab_size, self.padded_vocab_size, settings.allow_images, self.special)
         with torch.no_grad():
