@@ -5,6 +5,7 @@
   collate.py         SequenceLayout rows -> Batch (the reference); patchify
   collate_packed.py  planned dataset rows (SegmentTable) -> Batch: the loader's hot path
   packed_kernels.py  its compiled loops (numba): every field and patch written in one pass
+  frame_copies.py    BAGEL's clean copies: frames laid out once or twice (objective.captioning)
   synthetic.py       generated documents (default data, tests, benchmarks)
   indexed.py         open + validate a preprocessed folder (docs/DATA_FORMAT.md), read documents
   packing.py         document stream -> row plans (frames never split) -> SegmentTable / SequenceLayout

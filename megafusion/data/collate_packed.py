@@ -8,7 +8,9 @@ the frames (packed_kernels.scan_segments), allocates the fields and writes them 
 more pass (packed_kernels.write_rows). No Python runs per segment, position or frame.
 
 Equal to `collate` (collate.py) of the same rows laid out as TextParts and FrameParts: every frame is noised
-(dataset frames), latents are float32 (16-bit storage is widened exactly), noisy_latents is latents.
+(dataset frames), latents are float32 (16-bit storage is widened exactly), noisy_latents is latents. With
+`copies` = 2 (objective.captioning = bagel) every frame is written twice, a noised copy followed by a clean one
+(frame_copies.py): equal to `collate` of the layouts expanded by frame_copies.with_clean_copies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from megafusion.data.batch import MODALITY_IMAGE, MODALITY_TEXT, Batch
 from megafusion.data.collate import Alloc, _filled, _scratch, batch_from_fields, new_field
+from megafusion.data.frame_copies import check_copies
 from megafusion.data.special_tokens import SPECIAL_TOKENS
 
 
@@ -81,17 +84,20 @@ class SegmentTable:
 
 
 def collate_packed(tables: Sequence[SegmentTable], seq_length: int, patch_size: int, patch_dim: int,
-                   frame_token: int, pad_id: int = SPECIAL_TOKENS.pad) -> Batch:
-    """Build a Batch of the tables' rows (in order), each seq_length positions."""
-    return batch_from_fields(collate_packed_fields(tables, seq_length, patch_size, patch_dim, frame_token, pad_id))
+                   frame_token: int, pad_id: int = SPECIAL_TOKENS.pad, copies: int = 1) -> Batch:
+    """Build a Batch of the tables' rows (in order), each seq_length positions; each frame laid out `copies`
+    times (1, or 2: a noised and a clean copy)."""
+    return batch_from_fields(collate_packed_fields(tables, seq_length, patch_size, patch_dim, frame_token, pad_id,
+                                                   copies=copies))
 
 
 def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch_size: int, patch_dim: int,
-                          frame_token: int, pad_id: int = SPECIAL_TOKENS.pad,
-                          alloc: Alloc = new_field) -> Dict[str, np.ndarray]:
+                          frame_token: int, pad_id: int = SPECIAL_TOKENS.pad, alloc: Alloc = new_field,
+                          copies: int = 1) -> Dict[str, np.ndarray]:
     """The arrays of `collate_packed`'s Batch by field name (noisy_latents is latents), written into `alloc`'s."""
     from megafusion.data.packed_kernels import scan_segments, write_rows  # numba: the loader's path only
 
+    check_copies(copies)
     b, S, p = sum(t.rows for t in tables), seq_length, patch_size
     if b == 0:
         raise ValueError("collate_packed: no rows")
@@ -102,7 +108,7 @@ def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch
         used = np.empty(t.rows, dtype=np.int64)
         problem = scan_segments(t.tokens, t.token_start, t.length, t.row_segments, t.frames_available, t.exact,
                                 t.latent_start, math.prod(t.frame_shape), len(t.latents), frame_token,
-                                _patches_per_frame(t.frame_shape, p), S, frames, used, where)
+                                _patches_per_frame(t.frame_shape, p) * copies, S, frames, used, where)
         if problem:
             _raise_problem(t, problem, where, sum(u.rows for u in tables[:i]), S)
         count = int(frames.sum())
@@ -122,14 +128,15 @@ def collate_packed_fields(tables: Sequence[SegmentTable], seq_length: int, patch
     shape = (b, S)
     out = {name: alloc(name, shape, dtype) for name, dtype in _POSITION_FIELDS}
     ppf = _patches_per_frame(shapes.pop(), p) if shapes else 1
-    lat = alloc("latents", (n_frames * ppf, patch_dim), np.float32)
-    r0 = f0 = 0
+    lat = alloc("latents", (n_frames * copies * ppf, patch_dim), np.float32)
+    r0 = f0 = 0  # rows and laid-out frames (copies included) written so far
     for t, n in zip(tables, seg_frames):
+        n *= copies
         patches = lat[f0 * ppf: (f0 + n) * ppf].reshape(n, ppf, patch_dim)
         src, starts, row_units, k, scale, dst, widen = _units(t, p, patches)
         c, h, _ = t.frame_shape
         write_rows(t.tokens, t.token_start, t.length, t.row_segments, src, starts, c, h, row_units, p, k, scale,
-                   frame_token, pad_id, ppf, MODALITY_IMAGE, MODALITY_TEXT, r0, *out.values(), dst)
+                   frame_token, pad_id, ppf, copies, MODALITY_IMAGE, MODALITY_TEXT, r0, *out.values(), dst)
         if widen:  # float16: the kernel wrote the bits, numpy converts
             np.copyto(patches, dst.view(np.float16))
         r0, f0 = r0 + t.rows, f0 + n

@@ -14,7 +14,11 @@ Work split: planning (which documents and token ranges form each row: metadata o
 latents, patchify and collation (packing.read_rows + collate_packed.collate_packed_fields). With num_workers = 0
 all of it runs in the calling process; with `data.num_workers` > 0 each background process (workers.py) plans and builds
 every num_workers-th micro-batch into a shared-memory ring whose slots are leased to the caller, so reading long
-inputs overlaps the training step and the caller only wraps finished batches. Both yield identical batches. In
+inputs overlaps the training step and the caller only wraps finished batches. Both yield identical batches.
+
+With objective.captioning = bagel every frame is laid out twice, a noised and a clean copy (frame_copies.py):
+`copies` = 2 reaches the planner (a frame costs twice the positions), the collation of dataset rows and the
+synthetic generator. A ring slot needs no more room: a Batch has at most one latent row per position. In
 every Batch the loader hands out, noisy_latents is the latents tensor itself (see collate.py): do not write either
 in place; megafusion.objectives.flow_matching.noise_batch returns fresh tensors.
 
@@ -37,6 +41,7 @@ from megafusion.data.batch import Batch
 from megafusion.data.blending import BlendIndex
 from megafusion.data.collate import Alloc, SequenceLayout, batch_from_fields, collate_fields, new_field
 from megafusion.data.collate_packed import collate_packed_fields
+from megafusion.data.frame_copies import check_copies, frame_copies
 from megafusion.data.indexed import MultimodalDataset
 from megafusion.data.packing import read_rows
 from megafusion.data.sampler import MicroBatchSampler, PackedRowStream, split_documents
@@ -89,13 +94,18 @@ class SyntheticRows:
 
 # ---------------------------------------------------------------------- plans -> Batch
 class MicroBatchDataset:
-    """Builds micro-batches from their plans (lists of row plans)."""
+    """Builds micro-batches from their plans (lists of row plans), each frame laid out `copies` times."""
 
     def __init__(self, seq_length: int, patch_dim: int, patch_size: int,
-                 datasets: Sequence[MultimodalDataset] = (), synthetic: Optional[SyntheticRows] = None):
+                 datasets: Sequence[MultimodalDataset] = (), synthetic: Optional[SyntheticRows] = None,
+                 copies: int = 1):
         self.seq_length, self.patch_dim, self.patch_size = seq_length, patch_dim, patch_size
         self.datasets = list(datasets)
         self.synthetic = synthetic
+        self.copies = check_copies(copies)
+        if synthetic is not None and synthetic.spec.copies != copies:
+            raise ValueError(f"SyntheticSpec.copies={synthetic.spec.copies} but the loader lays frames out "
+                             f"copies={copies} times; build both from objective.captioning")
         frame_tokens = {ds.frame_token for ds in self.datasets}
         if len(frame_tokens) > 1:
             raise ValueError(f"data.paths: the datasets use different FRAME token ids {sorted(frame_tokens)}")
@@ -117,10 +127,11 @@ class MicroBatchDataset:
         tables = [read_rows(self.datasets[k], [segments for _, segments in run])
                   for k, run in itertools.groupby(plans, key=lambda plan: plan[0])]  # rows of one dataset together
         return collate_packed_fields(tables, self.seq_length, self.patch_size, self.patch_dim, self.frame_token,
-                                     alloc=alloc)
+                                     alloc=alloc, copies=self.copies)
 
     def field_bytes(self, micro_batch_size: int) -> List[int]:
-        """Bytes of each field of the largest possible Batch (every position a latent one)."""
+        """Bytes of each field of the largest possible Batch (every position a latent one; clean copies are
+        positions too, so they need no extra room)."""
         n = micro_batch_size * self.seq_length
         return [8 * n] * 6 + [4 * n, n, 4 * n * self.patch_dim, 4 * n]
 
@@ -193,7 +204,7 @@ def open_datasets(cfg: Config) -> List[MultimodalDataset]:
 
 
 def _packed_sources(cfg: Config, datasets: Sequence[MultimodalDataset]) -> Tuple[PackedRows, Optional[PackedRows]]:
-    d, ppf = cfg.data, cfg.model.patches_per_frame
+    d, ppf, copies = cfg.data, cfg.model.patches_per_frame, frame_copies(cfg.objective.captioning)
     splits = [split_documents(len(ds), d.valid_fraction, d.seed, k) for k, ds in enumerate(datasets)]
     sources = []
     for split in (TRAIN, VALID):
@@ -203,14 +214,16 @@ def _packed_sources(cfg: Config, datasets: Sequence[MultimodalDataset]) -> Tuple
                 raise ValueError(f"data.paths: no training documents in {list(d.paths)}")
             sources.append(None)
             continue
-        streams = [PackedRowStream(datasets[k], splits[k][split], d.seq_length, ppf, d.seed, k, split) for k in keep]
+        streams = [PackedRowStream(datasets[k], splits[k][split], d.seq_length, ppf, d.seed, k, split, copies=copies)
+                   for k in keep]
         if d.weights:
             weights = [d.weights[k] for k in keep]
         else:
             weights = [s.positions for s in streams]
         fingerprint = {"paths": [datasets[k].folder for k in keep], "documents": [len(datasets[k]) for k in keep],
                        "split": split, "seed": d.seed, "valid_fraction": d.valid_fraction,
-                       "seq_length": d.seq_length, "patches_per_frame": ppf, "weights": [float(w) for w in weights]}
+                       "seq_length": d.seq_length, "patches_per_frame": ppf, "copies": copies,
+                       "weights": [float(w) for w in weights]}
         sources.append(PackedRows([datasets[k] for k in keep], streams, weights, fingerprint))
     return sources[0], sources[1]
 
@@ -223,15 +236,16 @@ def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1, consum
     continue where it stood instead of re-planning from the start (ignored when it does not match the config).
     """
     t, d, m = cfg.training, cfg.data, cfg.model
+    copies = frame_copies(cfg.objective.captioning)
     if t.global_batch_size % (t.micro_batch_size * dp_size):
         raise ValueError(
             f"training.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size * dp_size = "
             f"{t.micro_batch_size} * {dp_size}"
         )
-    common = dict(seq_length=d.seq_length, patch_dim=m.patch_dim, patch_size=m.patch_size)
+    common = dict(seq_length=d.seq_length, patch_dim=m.patch_dim, patch_size=m.patch_size, copies=copies)
     if not d.paths:
         spec = SyntheticSpec(vocab_size=m.vocab_size, seq_length=d.seq_length, patch_dim=m.patch_dim,
-                             patches_per_frame=m.patches_per_frame)
+                             patches_per_frame=m.patches_per_frame, copies=copies)
         train_src, valid_src = SyntheticRows(spec, d.seed, TRAIN), SyntheticRows(spec, d.seed, VALID)
         train_ds = MicroBatchDataset(synthetic=train_src, **common)
         valid_ds = MicroBatchDataset(synthetic=valid_src, **common)

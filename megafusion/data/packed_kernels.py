@@ -8,7 +8,8 @@ few µs of overhead, plus Python work per segment: more than reading the bytes. 
   and checks the table (bounds, frame counts, row lengths), so that `write_rows` can trust it;
 - `write_rows` reads each segment's tokens from the token map and writes every position of every per-position
   field once, and where a FRAME stands, reads that frame from the latent map and writes its patches (widening
-  16-bit values on the way).
+  16-bit values on the way); with copies = 2 (objective.captioning = bagel) it then writes the frame's clean copy
+  (frame_copies.py): its positions as the next block, not noised, and its patches copied from the noised copy's.
 
 collate.collate_packed_fields validates the input in Python, allocates the fields between the passes and calls
 both; `collate` (hand-built layouts) and collate.patchify are the references they are tested against. Compiled
@@ -27,7 +28,8 @@ SEGMENT_COUNT, EMPTY_SEGMENT, FRAME_COUNT, TOKENS_OUTSIDE, LATENTS_OUTSIDE, ROW_
 @njit(cache=True)
 def scan_segments(tokens, token_start, length, row_segments, frames_available, exact, latent_start, frame_numel,
                   n_latents, frame_token, ppf, seq_length, seg_frames, used, where) -> int:
-    """Count seg_frames[g] (FRAME tokens of segment g) and used[r] (positions row r fills: a FRAME is ppf), and
+    """Count seg_frames[g] (FRAME tokens of segment g) and used[r] (positions row r fills: a FRAME is ppf, the
+    positions of all its copies), and
     check the table: the rows hold exactly its segments; no segment is empty, reaches outside `tokens`, holds
     more FRAMEs than it has stored frames (frames_available; exactly that many where `exact`: a whole document),
     or reaches past the n_latents stored values; no row holds more than seq_length positions.
@@ -72,15 +74,16 @@ def scan_segments(tokens, token_start, length, row_segments, frames_available, e
 
 @njit(cache=True)
 def write_rows(tokens, token_start, length, row_segments, latents, latent_start, channels, height,
-               row_units, p, k, scale, frame_token, pad_id, ppf, image_id, text_id, r0,
+               row_units, p, k, scale, frame_token, pad_id, ppf, copies, image_id, text_id, r0,
                out_tokens, labels, loss_mask, modality, block_ids, document_ids, context_start, noised,
                patches) -> None:
     """Write rows r0, r0 + 1, ... of the [b, S] fields and their frames' patches into patches[0], [1], ...
 
     Per row: its segments' tokens back to back (segment k is document k of the row); a FRAME expands to ppf
-    latent positions (block j = the row's j-th frame) and its frame, the next stored one of the segment from
-    latent_start[g] on, is patchified into the next patches[f]; text is causal CE wherever the next token is
-    text of the same segment; the tail is padding (document -1, seeing only itself).
+    noised latent positions (block j = the row's j-th laid-out frame) and its frame, the next stored one of the
+    segment from latent_start[g] on, is patchified into the next patches[f]; with copies = 2 the clean copy
+    follows: ppf more positions, block j + 1, not noised, patches[f + 1] = patches[f]. Text is causal CE wherever
+    the next token is text of the same segment; the tail is padding (document -1, seeing only itself).
 
     Patches move in units (e.g. a p=2 run of float32 as one uint64): a latent row of W values is `row_units`
     units, a run of p of them (one channel's row within a patch) k units, so
@@ -128,6 +131,19 @@ def write_rows(tokens, token_start, length, row_segments, latents, latent_start,
                     src += frame_units
                     block += 1
                     f += 1
+                    if copies == 2:  # BAGEL: the clean copy, its own block right after the noised one
+                        for _ in range(ppf):
+                            out_tokens[r, pos] = pad_id
+                            loss_mask[r, pos] = 0.0
+                            modality[r, pos] = image_id
+                            block_ids[r, pos] = block
+                            noised[r, pos] = False
+                            document_ids[r, pos] = d
+                            context_start[r, pos] = start
+                            pos += 1
+                        patches[f, :, :] = patches[f - 1, :, :]
+                        block += 1
+                        f += 1
                 else:
                     out_tokens[r, pos] = tok
                     loss_mask[r, pos] = 0.0 if (j == n - 1 or tokens[a + j + 1] == frame_token) else 1.0

@@ -4,7 +4,8 @@ Packing is split in two so the expensive half can run in loader workers:
 
 1. `RowPlanner` (main process, metadata only) consumes document ids in stream order and emits *row plans*: an
    int64 array [n_segments, 4] of (document, token_start, token_end, first_frame). It is a greedy state machine:
-     - a document's positions are its tokens with every FRAME expanded to `patches_per_frame` patch positions;
+     - a document's positions are its tokens with every FRAME expanded to `patches_per_frame` patch positions,
+       once per copy (`copies` = 2 with objective.captioning = bagel: a noised and a clean copy, frame_copies.py);
      - text is packed back to back; a text run that does not fit is cut, and its remainder continues in the
        next row as a new document segment (it cannot see its earlier part: context starts at the segment);
      - a frame (one image or one video frame) is never split: when it does not fit, the current row is closed
@@ -17,6 +18,7 @@ Packing is split in two so the expensive half can run in loader workers:
    tokens and frames lie in the dataset's memory maps), which `collate_packed` (collate_packed.py) turns into the
    Batch contract, reading tokens and patchifying frames straight from the maps into the output.
    `layout_row` gives the same row as a `SequenceLayout` of TextParts and FrameParts (for `collate`; tests).
+   Both expand each frame to `copies` copies the same way the planner counted them.
 
 `patchify` / `unpatchify` live in collate.py and are re-exported here.
 """
@@ -30,6 +32,7 @@ import numpy as np
 from megafusion.data.collate import (FramePart, Part, SequenceLayout, TextPart, _patches_from_rows, _rows_first,
                                      patchify, unpatchify)
 from megafusion.data.collate_packed import SegmentTable
+from megafusion.data.frame_copies import check_copies, with_clean_copies
 from megafusion.data.indexed import MultimodalDataset, to_float32
 
 SEGMENT_FIELDS = ("document", "token_start", "token_end", "first_frame")
@@ -37,18 +40,23 @@ __all__ = ["RowPlanner", "read_rows", "layout_row", "patchify", "unpatchify", "S
 
 
 class RowPlanner:
-    """Greedy packer over document ids of one dataset; `add(doc)` may complete rows, `rows` collects them."""
+    """Greedy packer over document ids of one dataset; `add(doc)` may complete rows, `rows` collects them.
 
-    def __init__(self, dataset: MultimodalDataset, seq_length: int, patches_per_frame: int):
-        if patches_per_frame + 1 > seq_length:
+    A frame costs `copies` x `patches_per_frame` positions (`copies` = 2: BAGEL's noised + clean copy)."""
+
+    def __init__(self, dataset: MultimodalDataset, seq_length: int, patches_per_frame: int, copies: int = 1):
+        self.copies = check_copies(copies)
+        self.ppf = patches_per_frame
+        self.frame_cost = patches_per_frame * copies  # positions one frame takes, all its copies
+        if self.frame_cost + 1 > seq_length:
+            copied = f" ({copies} copies of {patches_per_frame} patches)" if copies > 1 else ""
             raise ValueError(
-                f"one frame needs {patches_per_frame} positions plus its BOI but data.seq_length={seq_length}; "
+                f"one frame needs {self.frame_cost} positions{copied} plus its BOI but data.seq_length={seq_length}; "
                 f"raise data.seq_length or model.patch_size"
             )
         self.dataset = dataset
         self.seq_length = seq_length
-        self.ppf = patches_per_frame
-        self.positions = dataset.positions(patches_per_frame)  # [D] positions of each whole document
+        self.positions = dataset.positions(self.frame_cost)  # [D] positions of each whole document
         self.rows: List[np.ndarray] = []  # completed row plans, [n_segments, 4] int64 each
         self.fill = 0  # positions used in the open row
         self._segments: List[tuple] = []
@@ -64,7 +72,7 @@ class RowPlanner:
 
     def add(self, doc: int) -> None:
         """Append document `doc` to the packed stream."""
-        S, ppf = self.seq_length, self.ppf
+        S, ppf = self.seq_length, self.frame_cost
         n = int(self.dataset.token_lengths[doc])
         if self.dataset.frame_counts[doc] == 0:  # text only: fill, cut, continue
             pos = 0
@@ -112,8 +120,8 @@ class RowPlanner:
                     break
             if end == pos:
                 if self.fill == 0:
-                    raise ValueError(f"{self.dataset.folder}: document {doc}: a frame of {ppf} patches does not fit "
-                                     f"in an empty row of {S} positions")
+                    raise ValueError(f"{self.dataset.folder}: document {doc}: a frame of {ppf} positions does not "
+                                     f"fit in an empty row of {S} positions")
                 self._close()
                 continue
             self._put(doc, pos, end, j, cost)
@@ -140,7 +148,7 @@ class RowPlanner:
             snaps = np.empty((capacity, 5), dtype=np.int64)
             rows_before = len(self.rows)
             nxt, fill, n_segs, n_rows, n_snaps, bad = plan_documents(
-                order, start, need_rows, self.seq_length, self.ppf, ds.token_lengths, ds.frame_counts,
+                order, start, need_rows, self.seq_length, self.frame_cost, ds.token_lengths, ds.frame_counts,
                 self.positions, ds._tok_flat, ds._tok_start, ds.frame_token, ds.boi_token, self.fill, segs, n_open,
                 row_ends, snaps, snap_rows - rows_before)
             for rows, index, snap_fill, a, b in snaps[:n_snaps].tolist():
@@ -153,8 +161,8 @@ class RowPlanner:
             self._segments = [tuple(seg) for seg in segs[ends[-1] if ends else 0: n_segs].tolist()]
             self.fill = int(fill)
             if bad == -2:
-                raise ValueError(f"{ds.folder}: document {int(order[nxt])}: a frame of {self.ppf} patches does not "
-                                 f"fit in an empty row of {self.seq_length} positions")
+                raise ValueError(f"{ds.folder}: document {int(order[nxt])}: a frame of {self.frame_cost} positions "
+                                 f"does not fit in an empty row of {self.seq_length} positions")
             if bad >= 0:
                 ds.frame_positions(int(bad))  # raises DatasetFormatError naming the document
                 raise ValueError(f"{ds.folder}: document {int(bad)}: its FRAME tokens disagree with latents.idx")
@@ -189,8 +197,10 @@ def read_rows(dataset: MultimodalDataset, plans: Sequence[np.ndarray]) -> Segmen
                         explain=lambda g: dataset.frame_positions(int(doc[g])))
 
 
-def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) -> SequenceLayout:
-    """Read one planned row: each segment becomes a document of TextParts and FrameParts (patchified)."""
+def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int, copies: int = 1) -> SequenceLayout:
+    """Read one planned row: each segment becomes a document of TextParts and FrameParts (patchified); with
+    copies = 2 each frame is a noised FramePart followed by a clean one of the same patches (frame_copies.py)."""
+    check_copies(copies)
     frame_token = dataset.frame_token
     tokens, frame_at, reads = [], [], []
     n_frames = 0
@@ -227,5 +237,5 @@ def layout_row(dataset: MultimodalDataset, plan: np.ndarray, patch_size: int) ->
             prev = a + 1
         if prev < len(toks):
             parts.append(TextPart(toks[prev:]))
-        layout.documents.append(parts)
+        layout.documents.append(with_clean_copies(parts) if copies == 2 else parts)
     return layout

@@ -35,6 +35,9 @@ def plan_documents(order, start, need_rows, seq_length, ppf, token_lengths, fram
                    token_start, frame_token, boi_token, fill, segs, n_segs, row_ends, snaps, snap_rows):
     """Add documents order[start], order[start + 1], ... to the packed stream.
 
+    `ppf` is the positions one frame takes (RowPlanner.frame_cost: patches per frame times its copies), `positions`
+    each whole document's positions counted the same way.
+
     State: segs[:n_segs] are segments (document, token_start, token_end, first_frame); those after the last
     completed row form the open row, which holds `fill` positions. Completed rows are recorded by their end in
     segs (row_ends). Before each document, when the count of completed rows differs from `snap_rows` (the count

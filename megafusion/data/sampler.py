@@ -54,23 +54,25 @@ def epoch_order(documents: np.ndarray, seed: int, dataset_index: int, split: int
 
 
 class PackedRowStream:
-    """Row plans of one (dataset, split): row r is a fixed [n_segments, 4] int64 plan (packing.py)."""
+    """Row plans of one (dataset, split): row r is a fixed [n_segments, 4] int64 plan (packing.py); each frame
+    laid out `copies` times (2: objective.captioning = bagel, frame_copies.py)."""
 
     def __init__(self, dataset: MultimodalDataset, documents: np.ndarray, seq_length: int, patches_per_frame: int,
-                 seed: int, dataset_index: int, split: int, window: int = 4096):
+                 seed: int, dataset_index: int, split: int, window: int = 4096, copies: int = 1):
         if len(documents) == 0:
             raise ValueError(f"{dataset.folder}: no {SPLITS[split]} documents to draw from")
         self.dataset = dataset
         self.documents = documents
         self.seq_length = seq_length
         self.ppf = patches_per_frame
+        self.copies = copies
         self.key = (seed, dataset_index, split)
         self.window = window
-        self.positions = int(dataset.positions(patches_per_frame)[documents].sum())  # per epoch
+        self.positions = int(dataset.positions(patches_per_frame * copies)[documents].sum())  # per epoch
         self._restart()
 
     def _restart(self) -> None:
-        self._planner = RowPlanner(self.dataset, self.seq_length, self.ppf)
+        self._planner = RowPlanner(self.dataset, self.seq_length, self.ppf, self.copies)
         self._base = 0  # row index of self._planner.rows[0]
         self._epoch = 0
         self._order = epoch_order(self.documents, *self.key, 0)
@@ -129,7 +131,7 @@ class PackedRowStream:
 
     def restore(self, snap: dict) -> None:
         """Continue from a `snapshot`: the rows from snap["rows"] on come out as an uninterrupted run's."""
-        self._planner = RowPlanner(self.dataset, self.seq_length, self.ppf)
+        self._planner = RowPlanner(self.dataset, self.seq_length, self.ppf, self.copies)
         self._planner.fill = int(snap["fill"])
         self._planner._segments = [tuple(int(v) for v in seg) for seg in snap["open"]]
         self._base = int(snap["rows"])

@@ -3,7 +3,9 @@
 Documents are learnable rather than noise: text is an arithmetic token progression (each document picks a start
 and a stride), and each image's latent is a smooth pattern whose colour is a function of the document's first
 text token, so a model that reads the caption can predict the image. Every random choice comes from one
-numpy Generator, so a seed fixes the whole stream.
+numpy Generator, so a seed fixes the whole stream. With `copies` = 2 (objective.captioning = bagel) every frame is
+laid out as a noised copy followed by a clean copy (frame_copies.py); the random stream is the same as with one copy
+(the clean copy reuses the noised copy's patches), only the rows hold fewer documents.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from megafusion.data.batch import Batch
 from megafusion.data.collate import FramePart, Part, SequenceLayout, TextPart, collate
+from megafusion.data.frame_copies import check_copies, with_clean_copies
 from megafusion.data.special_tokens import SPECIAL_TOKENS
 
 LAYOUT_KINDS = ("text", "image", "interleaved", "multi_image", "video", "mixed")
@@ -28,6 +31,7 @@ class SyntheticSpec:
     patches_per_frame: int
     kind: str = "mixed"  # one of LAYOUT_KINDS; "mixed" draws a kind per document
     fill: float = 1.0  # fraction of seq_length to fill before padding (< 1 leaves a padded tail)
+    copies: int = 1  # times each frame is laid out: 1, or 2 = noised + clean copy (objective.captioning=bagel)
 
 
 class SyntheticDocuments:
@@ -36,6 +40,7 @@ class SyntheticDocuments:
             raise ValueError(f"SyntheticSpec.kind={spec.kind!r}; choose one of {LAYOUT_KINDS}")
         if spec.vocab_size <= SPECIAL_TOKENS.num_reserved + 8:
             raise ValueError(f"vocab_size={spec.vocab_size} leaves no room for text after the reserved ids")
+        check_copies(spec.copies)
         self.spec = spec
         self.rng = np.random.default_rng(seed)
 
@@ -88,23 +93,27 @@ class SyntheticDocuments:
         used = 0
         for _ in range(64):
             doc = self.document(self.spec.kind)
-            n = SequenceLayout([doc]).length()
+            n = sum(self._cost(part) for part in doc)
             if used + n > budget:
                 if used == 0:
                     doc, n = self._truncate(doc, budget), budget
                 else:
                     break
-            layout.documents.append(doc)
+            layout.documents.append(with_clean_copies(doc) if self.spec.copies == 2 else doc)
             used += n
             if used >= budget:
                 break
         return layout
 
+    def _cost(self, part: Part) -> int:
+        """Positions a part takes in a row: a frame's patches once per copy."""
+        return len(part.ids) if isinstance(part, TextPart) else part.patches.shape[0] * self.spec.copies
+
     def _truncate(self, doc: List[Part], budget: int) -> List[Part]:
         out: List[Part] = []
         used = 0
         for part in doc:
-            n = len(part.ids) if isinstance(part, TextPart) else part.patches.shape[0]
+            n = self._cost(part)
             if used + n > budget:
                 if isinstance(part, TextPart):
                     out.append(TextPart(part.ids[: budget - used]))

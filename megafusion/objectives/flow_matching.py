@@ -5,10 +5,12 @@ Convention (docs/objectives.md): t in [0, 1] with t = 1 clean and t = 0 pure noi
     z0 ~ N(0, I),   z_t = t * z1 + (1 - t) * z0,   target v = dz_t/dt = z1 - z0,
 
 one t per visual block (an image, or one video frame). `noise_batch` fills the flow-matching fields of a loader
-Batch (megafusion/data/batch.py) and drops the text conditioning of whole media items for classifier-free
-guidance by moving their `context_start` forward; `flow_matching_loss` is the MSE of the predicted velocity over
-the noised rows. Everything is vectorised over latent rows; the random draws come from one torch.Generator in a
-fixed order (t per block, then noise per row, then one dropout draw per media item), so a seed fixes the result.
+Batch (megafusion/data/batch.py), drops the text conditioning of whole media items for classifier-free guidance by
+moving their `context_start` forward, and (objective.captioning = "transfusion") limits the noise of a fraction of
+the media items followed by a caption to the cleaner flow times (`captioned_items`); `flow_matching_loss` is the
+MSE of the predicted velocity over the noised rows. Everything is vectorised over latent rows; the random draws
+come from one torch.Generator in a fixed order (t per block, then noise per row, then one dropout draw per media
+item, then one captioning draw per media item), so a seed fixes the result.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from megafusion.config.schema import ObjectiveConfig
 from megafusion.data.batch import Batch
+from megafusion.data.special_tokens import SPECIAL_TOKENS
 
 
 # ---------------------------------------------------------------------------------------------- flow time
@@ -65,6 +68,8 @@ class LatentIndex:
     noised: torch.Tensor  # bool, the row carries z_t
     item_start: torch.Tensor  # [num_items] sequence position of each item's first latent row
     item_noised: torch.Tensor  # [num_items] bool, the item holds at least one noised row
+    item_row: torch.Tensor  # [num_items] batch row of each item
+    item_end: torch.Tensor  # [num_items] sequence position of each item's last latent row
     num_blocks: int
     num_items: int
 
@@ -90,8 +95,36 @@ class LatentIndex:
         num_blocks, num_items = int(block_first.sum().item()), int(item_first.sum().item())
         item_noised = torch.zeros(num_items, dtype=torch.long, device=rows.device)
         item_noised = item_noised.index_add_(0, item_index, noised.long()) > 0
+        item_last = torch.ones(n, dtype=torch.bool, device=rows.device)  # the row before the next item's first
+        item_last[:-1] = item_first[1:]
         return cls(rows, positions, block_index, item_index, noised, positions[item_first], item_noised,
-                   num_blocks, num_items)
+                   rows[item_first], positions[item_last], num_blocks, num_items)
+
+
+def captioned_items(batch: Batch, index: Optional[LatentIndex] = None) -> torch.Tensor:
+    """[num_items] bool: the media item is followed by a caption in its document (Transfusion's captioning rule).
+
+    A *caption token* is a position whose token is ordinary text (id >= SPECIAL_TOKENS.num_reserved, so not
+    PAD / BOS / EOS / BOI / EOI / FRAME) and is a CE target: the position before it has loss_mask 1 (it is predicted,
+    and its prediction reads everything earlier in the document, the image included). An item is followed by a
+    caption when a caption token lies after the item's last latent position (hence after its EOI) in the same row
+    and document. So `BOI img EOI text EOS` is captioned (the EOI predicts the first caption token), while
+    `caption BOI img EOI EOS`, an image followed only by another image, or an image whose caption continues in the
+    next packed row (a new document segment there) are not. Vectorised: the last caption position of every
+    (row, document) by one scatter-amax, compared with each item's last latent position.
+    """
+    index = index if index is not None else LatentIndex.from_batch(batch)
+    b, s = batch.tokens.shape
+    device = batch.tokens.device
+    target = torch.zeros(b, s, dtype=torch.bool, device=device)
+    target[:, 1:] = batch.loss_mask[:, :-1] > 0
+    caption = target & (batch.tokens >= SPECIAL_TOKENS.num_reserved)
+    position = torch.arange(s, device=device).expand(b, s)
+    key = torch.arange(b, device=device).unsqueeze(1) * s + batch.document_ids.clamp(min=0)  # [b, s]
+    last = torch.full((b * s,), -1, dtype=torch.long, device=device)
+    last = last.scatter_reduce(0, key.reshape(-1), torch.where(caption, position, -1).reshape(-1), "amax")
+    item_doc = batch.document_ids[index.item_row, index.item_end]
+    return last[index.item_row * s + item_doc.clamp(min=0)] > index.item_end
 
 
 # ---------------------------------------------------------------------------------------------- noising
@@ -101,7 +134,10 @@ def noise_batch(batch: Batch, cfg: ObjectiveConfig, generator: Optional[torch.Ge
     Call once on a loader Batch (noisy_latents = latents, latent_t = 1). Random draws, in this order, on the
     generator's device (the global RNG of the batch's device when generator is None): `sample_timesteps` for every
     block (clean blocks ignore theirs), z0 ~ N(0, I) [N, patch_dim] for every latent row, one uniform per media
-    item (the item is dropped when it is < cfg.cond_dropout and the item holds a noised block).
+    item (the item is dropped when it is < cfg.cond_dropout and the item holds a noised block), and with
+    cfg.captioning = "transfusion" one more uniform per media item (the item's flow times are limited to
+    [cfg.caption_min_t, 1] when it is < cfg.caption_fraction and `captioned_items` says the item is followed by a
+    caption). The captioning draw comes last, so the other draws are the same with and without it.
     See `apply_noise` for what is written.
     """
     index = LatentIndex.from_batch(batch)
@@ -111,20 +147,29 @@ def noise_batch(batch: Batch, cfg: ObjectiveConfig, generator: Optional[torch.Ge
     t_block = sample_timesteps(index.num_blocks, cfg, generator, device=gen_device)
     z0 = torch.randn(n, d, generator=generator, device=gen_device, dtype=torch.float32)
     drop_draw = torch.rand(index.num_items, generator=generator, device=gen_device, dtype=torch.float32)
-    return apply_noise(batch, t_block.to(device), z0.to(device), drop_draw.to(device) < cfg.cond_dropout, index)
+    limit_item = None
+    if cfg.captioning == "transfusion":
+        caption_draw = torch.rand(index.num_items, generator=generator, device=gen_device, dtype=torch.float32)
+        limit_item = (caption_draw.to(device) < cfg.caption_fraction) & captioned_items(batch, index)
+    return apply_noise(batch, t_block.to(device), z0.to(device), drop_draw.to(device) < cfg.cond_dropout, index,
+                       limit_item=limit_item, caption_min_t=cfg.caption_min_t)
 
 
 def apply_noise(batch: Batch, t_block: torch.Tensor, z0: torch.Tensor, drop_item: torch.Tensor,
-                index: Optional[LatentIndex] = None) -> Batch:
+                index: Optional[LatentIndex] = None, limit_item: Optional[torch.Tensor] = None,
+                caption_min_t: float = 0.5) -> Batch:
     """The deterministic half of `noise_batch`, for given draws.
 
     t_block [num_blocks] flow time per visual block (latent-row order over the whole batch); z0 [N, patch_dim]
     noise per latent row; drop_item [num_items] bool, drop the media item's text conditioning (ignored for items
-    without a noised block). Noised rows get z_t = t * z1 + (1 - t) * z0 (computed in fp32, stored in the latents'
-    dtype), latent_t = t, velocity_target = z1 - z0 and fm_loss_mask 1; clean rows keep z1, t = 1, a zero target
-    and fm_loss_mask 0. Every latent position of a dropped item gets context_start = the item's first latent
-    position, so it attends only to itself (earlier frames of the same video included) — the unconditional form
-    the sampler builds for the classifier-free-guidance pass. Text positions are never changed.
+    without a noised block); limit_item [num_items] bool or None, map the flow times of the item's noised blocks
+    into [caption_min_t, 1]: t' = caption_min_t + (1 - caption_min_t) * t (Transfusion's captioning rule; None or
+    all False leaves every t as drawn, bit for bit). Noised rows get z_t = t * z1 + (1 - t) * z0 (computed in
+    fp32, stored in the latents' dtype), latent_t = t, velocity_target = z1 - z0 and fm_loss_mask 1; clean rows
+    keep z1, t = 1, a zero target and fm_loss_mask 0. Every latent position of a dropped item gets context_start =
+    the item's first latent position, so it attends only to itself (earlier frames of the same video included) —
+    the unconditional form the sampler builds for the classifier-free-guidance pass. Text positions are never
+    changed.
     """
     index = index if index is not None else LatentIndex.from_batch(batch)
     device = batch.latents.device
@@ -135,8 +180,17 @@ def apply_noise(batch: Batch, t_block: torch.Tensor, z0: torch.Tensor, drop_item
     if drop_item.shape != (index.num_items,):
         raise ValueError(f"drop_item has shape {tuple(drop_item.shape)}, expected ({index.num_items},): one flag "
                          f"per media item")
+    if limit_item is not None and limit_item.shape != (index.num_items,):
+        raise ValueError(f"limit_item has shape {tuple(limit_item.shape)}, expected ({index.num_items},): one flag "
+                         f"per media item")
+    if not 0.0 <= caption_min_t < 1.0:
+        raise ValueError(f"caption_min_t={caption_min_t} (objective.caption_min_t) must be in [0, 1)")
     noised = index.noised
-    t_row = torch.where(noised, t_block.float()[index.block_index], torch.ones((), device=device))  # [N]
+    t_drawn = t_block.float()[index.block_index]  # [N]
+    if limit_item is not None:
+        limited_row = limit_item.bool()[index.item_index]
+        t_drawn = torch.where(limited_row, caption_min_t + (1.0 - caption_min_t) * t_drawn, t_drawn)
+    t_row = torch.where(noised, t_drawn, torch.ones((), device=device))  # [N]
     z1, z0 = batch.latents.float(), z0.float()
     t_col, noised_col = t_row.unsqueeze(1), noised.unsqueeze(1)
     z_t = t_col * z1 + (1.0 - t_col) * z0

@@ -69,7 +69,9 @@ class TokenMix:
         (default S). A document with n = latent_fraction * D latent positions in blocks of F =
         model.patches_per_frame positions has D(D+1)/2 causal keys plus F(F-1)/2 extra per block (inside a block a
         query also sees the later positions of its block). `sequences` defaults to training.global_batch_size.
-        Dropped CFG context and hide_noised_latents (which only remove keys) are ignored: an upper bound."""
+        Dropped CFG context and hide_noised_latents (which only remove keys) are ignored: an upper bound.
+        With objective.captioning = bagel each frame is laid out as two blocks of F positions (a noised and a clean
+        copy): latent_fraction then counts both copies, and the block count n / F is right as it stands."""
         if not 0.0 <= latent_fraction <= 1.0:
             raise ValueError(f"latent_fraction={latent_fraction} must be in [0, 1]")
         s = cfg.data.seq_length

@@ -1,5 +1,6 @@
-"""The loader's hot path (read_rows + collate_packed) against the reference path (layout_row + collate), the
-latents/noisy_latents aliasing, and BatchRing slot writing and leasing."""
+"""The loader's hot path (read_rows + collate_packed) against the reference path (layout_row + collate), with one
+copy of each frame and with BAGEL's noised + clean copies, the latents/noisy_latents aliasing, and BatchRing slot
+writing and leasing."""
 
 import dataclasses
 import gc
@@ -25,8 +26,8 @@ PPF = 16
 PATCH_DIM = 16
 
 
-def _plans(ds, seq_length):
-    planner = RowPlanner(ds, seq_length, PPF)
+def _plans(ds, seq_length, copies=1):
+    planner = RowPlanner(ds, seq_length, PPF, copies)
     for d in range(len(ds)):
         planner.add(d)
     planner.flush()
@@ -40,16 +41,18 @@ def dataset(request, tmp_path_factory):
     return MultimodalDataset(folder)
 
 
+@pytest.mark.parametrize("copies", [1, 2])
 @pytest.mark.parametrize("seq_length", [40, 64, 300])
-def test_collate_packed_equals_collate_of_layouts(dataset, seq_length):
-    plans = _plans(dataset, seq_length)
+def test_collate_packed_equals_collate_of_layouts(dataset, seq_length, copies):
+    plans = _plans(dataset, seq_length, copies)
     checked = 0
     for b in (1, 2, 3):
         for i in range(0, len(plans) - b + 1, b):
-            ref = collate([layout_row(dataset, p, P) for p in plans[i: i + b]], seq_length, PATCH_DIM).validate()
+            ref = collate([layout_row(dataset, p, P, copies) for p in plans[i: i + b]], seq_length,
+                          PATCH_DIM).validate()
             # the rows as one table, and as one table per row (as rows of different datasets would be)
             for tables in ([read_rows(dataset, plans[i: i + b])], [read_rows(dataset, [p]) for p in plans[i: i + b]]):
-                got = collate_packed(tables, seq_length, P, PATCH_DIM, dataset.frame_token).validate()
+                got = collate_packed(tables, seq_length, P, PATCH_DIM, dataset.frame_token, copies=copies).validate()
                 for f in dataclasses.fields(Batch):
                     x, y = getattr(ref, f.name), getattr(got, f.name)
                     assert (x is None) == (y is None), f.name

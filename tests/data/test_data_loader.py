@@ -6,7 +6,7 @@ import torch
 from fixtures import random_docs, write_dataset
 from unpack import segments, stitch
 
-from megafusion.config.schema import Config, DataConfig, ModelConfig, TrainingConfig
+from megafusion.config.schema import Config, DataConfig, ModelConfig, ObjectiveConfig, TrainingConfig
 from megafusion.data.batch import Batch
 from megafusion.data.loader import DataIterator, MicroBatchDataset, build_data_iterators
 from megafusion.data.sampler import epoch_order, split_documents
@@ -14,12 +14,15 @@ from megafusion.data.sampler import epoch_order, split_documents
 SHAPE = (4, 8, 8)
 
 
-def _cfg(paths=(), seq_length=48, mbs=2, gbs=4, workers=0, valid=0.1, weights=()):
+def _cfg(paths=(), seq_length=48, mbs=2, gbs=4, workers=0, valid=0.1, weights=(), captioning="transfusion"):
+    bagel = captioning == "bagel"
     return Config(
-        model=ModelConfig(latent_channels=SHAPE[0], latent_size=SHAPE[1], patch_size=2, vocab_size=256),
+        model=ModelConfig(latent_channels=SHAPE[0], latent_size=SHAPE[1], patch_size=2, vocab_size=256,
+                          hide_noised_latents=bagel),
         data=DataConfig(seq_length=seq_length, paths=list(paths), weights=list(weights), valid_fraction=valid,
                         num_workers=workers, seed=11),
         training=TrainingConfig(micro_batch_size=mbs, global_batch_size=gbs),
+        objective=ObjectiveConfig(captioning=captioning),
     )
 
 
@@ -172,3 +175,58 @@ def test_worker_error_is_raised_in_the_caller():
     with pytest.raises(ValueError, match="no plan for sample 0"):
         next(it)
     it.close()
+
+
+# ---------------------------------------------------------------------- objective.captioning = bagel
+def test_bagel_rows_hold_stored_frames_with_clean_copies(folders):
+    path, docs, _ = folders
+    train, _ = build_data_iterators(_cfg([path], seq_length=64, valid=0.0, captioning="bagel"), 0, 1, 0)
+    rows, clean = [], 0
+    for batch in _take(train, 30):
+        batch.validate()
+        rows += segments(batch, 2, SHAPE, copies=2)  # checks each frame is a noised block + its clean copy
+        clean += int((batch.block_ids >= 0).logical_and(~batch.noised).sum())
+    tokens, frames = stitch(rows)
+    tr, _ = split_documents(len(docs), 0.0, 11, 0)
+    order = epoch_order(tr, 11, 0, 0, 0)
+    want_tokens = [t for d in order for t in docs[d][0]]
+    want_frames = [torch.from_numpy(f).to(torch.bfloat16).float().numpy() for d in order for f in docs[d][1]]
+    n = min(len(tokens), len(want_tokens))
+    assert n > 500 and tokens[:n] == want_tokens[:n]
+    assert len(frames) > 10 and all(np.array_equal(a, b) for a, b in zip(frames, want_frames))
+    assert clean == 16 * len(frames)  # one clean copy of 16 patches per frame
+
+
+def test_bagel_worker_loader_equals_in_process(folders):
+    path_a, _, path_b = folders
+    for paths in ([path_a, path_b], []):  # dataset rows (compiled path) and synthetic rows
+        a = _take(build_data_iterators(_cfg(paths, seq_length=64, captioning="bagel"), 0, 1, 0)[0], 12)
+        it = build_data_iterators(_cfg(paths, seq_length=64, workers=2, captioning="bagel"), 0, 1, 0)[0]
+        b = _take(it, 12)
+        it.close()
+        assert all(_equal(x, y) for x, y in zip(a, b))
+        clean = [(x.block_ids >= 0) & ~x.noised for x in a]
+        assert sum(int(c.sum()) for c in clean) > 0  # the batches hold clean copies
+        plain = _take(build_data_iterators(_cfg(paths, seq_length=64), 0, 1, 0)[0], 1)[0]
+        assert not ((plain.block_ids >= 0) & ~plain.noised).any()  # the default lays every frame out once
+
+
+def test_bagel_plan_state_is_not_reused_for_one_copy(folders):
+    cfg = _cfg([folders[0]], seq_length=64, captioning="bagel")
+    it = build_data_iterators(cfg, 0, 1, 0)[0]
+    _take(it, 9)
+    state = it.state_dict()
+    assert "streams" in state and state["streams"]["fingerprint"]["copies"] == 2
+    again = build_data_iterators(cfg, 0, 1, 18, data_state=state)[0]
+    assert any(s._base > 0 for s in again.source.streams)  # the same setting continues from the snapshot
+    other = build_data_iterators(_cfg([folders[0]], seq_length=64), 0, 1, 18, data_state=state)[0]
+    assert all(s._base == 0 for s in other.source.streams)  # one copy per frame: planned from the start
+
+
+def test_loader_refuses_mismatched_synthetic_copies():
+    from megafusion.data.loader import SyntheticRows
+    from megafusion.data.synthetic import SyntheticSpec
+
+    spec = SyntheticSpec(vocab_size=256, seq_length=64, patch_dim=16, patches_per_frame=16, copies=2)
+    with pytest.raises(ValueError, match="SyntheticSpec.copies=2 but the loader lays frames out copies=1"):
+        MicroBatchDataset(64, 16, 2, synthetic=SyntheticRows(spec, 0, 0))

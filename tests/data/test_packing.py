@@ -16,12 +16,12 @@ PPF = (8 // P) ** 2  # 16 patches per frame
 PATCH_DIM = 4 * P * P
 
 
-def _pack(ds, seq_length, order=None):
-    planner = RowPlanner(ds, seq_length, PPF)
+def _pack(ds, seq_length, order=None, copies=1):
+    planner = RowPlanner(ds, seq_length, PPF, copies)
     for d in range(len(ds)) if order is None else order:
         planner.add(d)
     planner.flush()
-    rows = [layout_row(ds, plan, P) for plan in planner.rows]
+    rows = [layout_row(ds, plan, P, copies) for plan in planner.rows]
     return planner.rows, collate(rows, seq_length, PATCH_DIM).validate()
 
 
@@ -41,21 +41,24 @@ def test_patchify_layout_and_inverse():
     assert np.array_equal(unpatchify(p, 2, 3, 4, 4), x)
 
 
-@pytest.mark.parametrize("seq_length", [17, 24, 48, 100])
-def test_round_trip_tokens_and_latents(mixed, seq_length):
+@pytest.mark.parametrize("seq_length,copies", [(17, 1), (24, 1), (48, 1), (100, 1), (33, 2), (40, 2), (100, 2)])
+def test_round_trip_tokens_and_latents(mixed, seq_length, copies):
+    """Unpacking gives the document stream back; with copies = 2 every frame is a noised block directly followed
+    by its clean copy in the same row (unpack.segments checks the pair)."""
     ds, docs = mixed
-    _, batch = _pack(ds, seq_length)
-    tokens, frames = stitch(segments(batch, P, SHAPE))
+    _, batch = _pack(ds, seq_length, copies=copies)
+    tokens, frames = stitch(segments(batch, P, SHAPE, copies))
     assert tokens == [t for toks, _ in docs for t in toks]
     want = [f for _, lat in docs for f in lat]
     assert len(frames) == len(want) and all(np.array_equal(a, b) for a, b in zip(frames, want))
 
 
-@pytest.mark.parametrize("seq_length", [17, 24, 48])
-def test_packing_invariants(mixed, seq_length):
+@pytest.mark.parametrize("seq_length,copies", [(17, 1), (24, 1), (48, 1), (33, 2), (48, 2)])
+def test_packing_invariants(mixed, seq_length, copies):
     ds, docs = mixed
-    plans, batch = _pack(ds, seq_length)
-    rows = segments(batch, P, SHAPE)
+    plans, batch = _pack(ds, seq_length, copies=copies)
+    rows = segments(batch, P, SHAPE, copies)
+    frame = PPF * copies  # positions of a frame: its noised copy and (copies = 2) its clean copy
     stream = [t for toks, _ in docs for t in toks]
     offset = 0
     for r in range(batch.batch_size):
@@ -79,8 +82,8 @@ def test_packing_invariants(mixed, seq_length):
         # greedy: a row ends early only when the next unit is a frame (with its BOI) that does not fit
         if r + 1 < batch.batch_size and used < seq_length:
             first = rows[r + 1][0][0]
-            unit = PPF + 1 if first[0] == ST.boi and len(first) > 1 and first[1] == ST.frame else PPF
-            assert first[0] == ST.frame or unit == PPF + 1
+            unit = frame + 1 if first[0] == ST.boi and len(first) > 1 and first[1] == ST.frame else frame
+            assert first[0] == ST.frame or unit == frame + 1
             assert seq_length - used < unit
     assert offset == len(stream)
     # labels and the CE mask: next token, text to text inside one document segment
@@ -131,6 +134,10 @@ def test_frame_larger_than_row_is_refused(mixed):
     ds, _ = mixed
     with pytest.raises(ValueError, match="data.seq_length=16"):
         RowPlanner(ds, 16, PPF)
+    with pytest.raises(ValueError, match=r"one frame needs 32 positions \(2 copies of 16 patches\).*seq_length=32"):
+        RowPlanner(ds, 32, PPF, copies=2)
+    with pytest.raises(ValueError, match="copies=3"):
+        RowPlanner(ds, 100, PPF, copies=3)
 
 
 def test_frame_token_without_latent_is_named(tmp_path):
@@ -143,20 +150,20 @@ def test_frame_token_without_latent_is_named(tmp_path):
         _pack(ds, 24)
 
 
-@pytest.mark.parametrize("seq_length", [17, 24, 48, 100])
+@pytest.mark.parametrize("seq_length,copies", [(17, 1), (24, 1), (48, 1), (100, 1), (33, 2), (48, 2)])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_compiled_planning_equals_add(mixed, seq_length, chunk):
+def test_compiled_planning_equals_add(mixed, seq_length, copies, chunk):
     """RowPlanner.add_from (compiled) gives add's rows and open row, however the rows are asked for, and a
     snapshot at the first document boundary after each change of the completed-row count."""
     ds, _ = mixed
     order = np.random.default_rng(seq_length).permutation(len(ds))
-    ref = RowPlanner(ds, seq_length, PPF)
+    ref = RowPlanner(ds, seq_length, PPF, copies)
     boundaries = []  # (rows completed, order index, fill, open row) before each document
     for i, d in enumerate(order):
         boundaries.append((len(ref.rows), i, ref.fill, [list(s) for s in ref._segments]))
         ref.add(int(d))
     want_snaps = [b for k, b in enumerate(boundaries) if k > 0 and b[0] != boundaries[k - 1][0]]
-    got = RowPlanner(ds, seq_length, PPF)
+    got = RowPlanner(ds, seq_length, PPF, copies)
     start, snaps = 0, []
     while start < len(order):
         start, new = got.add_from(order, start, chunk, snaps[-1]["rows"] if snaps else 0)

@@ -1,4 +1,7 @@
-"""Undo packing for tests: Batch -> per-row document segments (token stream with FRAME restored, frames)."""
+"""Undo packing for tests: Batch -> per-row document segments (token stream with FRAME restored, frames).
+
+With copies = 2 (objective.captioning = bagel) each frame is a noised block followed by its clean copy: the pair
+gives one FRAME, and the clean copy is checked to be the noised block's patches, not noised."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from megafusion.data.special_tokens import SPECIAL_TOKENS as ST
 Segment = Tuple[List[int], List[np.ndarray]]  # tokens with one FRAME per block, frames [C, H, W]
 
 
-def segments(batch: Batch, p: int, latent_shape) -> List[List[Segment]]:
+def segments(batch: Batch, p: int, latent_shape, copies: int = 1) -> List[List[Segment]]:
     c, h, w = latent_shape
     rows = []
     latent_row = 0
@@ -33,6 +36,14 @@ def segments(batch: Batch, p: int, latent_shape) -> List[List[Segment]]:
                         j += 1
                     patches = batch.latents[latent_row: latent_row + (j - i)].numpy()
                     latent_row += j - i
+                    if copies == 2:  # the clean copy: the next block, same length and patches, not noised
+                        assert bool(batch.noised[r, i]), (r, i)
+                        k = j + (j - i)
+                        assert k <= end and (batch.block_ids[r, j:k] == block + 1).all(), (r, i)
+                        assert not batch.noised[r, j:k].any()
+                        assert np.array_equal(batch.latents[latent_row: latent_row + (j - i)].numpy(), patches)
+                        latent_row += j - i
+                        j = k
                     frames.append(unpatchify(patches[None], p, c, h, w)[0])
                     toks.append(ST.frame)
                     i = j

@@ -14,6 +14,7 @@ from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 from megafusion.objectives.flow_matching import (
     LatentIndex,
     apply_noise,
+    captioned_items,
     flow_matching_loss,
     noise_batch,
     sample_timesteps,
@@ -60,6 +61,7 @@ def test_latent_index_blocks_and_items():
     assert idx.item_index.tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 3, 3]  # the video's two frames are one item
     assert idx.item_start.tolist() == [4, 9, 17, 4]
     assert idx.item_noised.tolist() == [True, True, False, True]
+    assert idx.item_row.tolist() == [0, 0, 0, 1] and idx.item_end.tolist() == [5, 12, 18, 5]
 
 
 # ---------------------------------------------------------------------------------------------- hand-computed
@@ -143,7 +145,9 @@ def test_noise_batch_follows_documented_draw_order():
     t = sample_timesteps(idx.num_blocks, cfg, g)
     z0 = torch.randn(batch.latents.shape, generator=g)
     drop = torch.rand(idx.num_items, generator=g) < cfg.cond_dropout
-    ref = apply_noise(batch, t, z0, drop)
+    limit = (torch.rand(idx.num_items, generator=g) < cfg.caption_fraction) & captioned_items(batch, idx)
+    assert limit.any()  # the default captioning rule is exercised
+    ref = apply_noise(batch, t, z0, drop, limit_item=limit, caption_min_t=cfg.caption_min_t)
     for name in ("noisy_latents", "latent_t", "velocity_target", "fm_loss_mask", "context_start"):
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
 
@@ -266,3 +270,101 @@ def test_bf16_latents_keep_dtype_and_loss_is_fp32():
     assert out.noisy_latents.dtype == torch.bfloat16 and out.velocity_target.dtype == torch.bfloat16
     loss, _ = flow_matching_loss(torch.zeros_like(out.velocity_target), out)
     assert loss.dtype == torch.float32 and loss.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------- captioning rule
+NOISE_FIELDS = ("noisy_latents", "latent_t", "velocity_target", "fm_loss_mask", "context_start")
+
+
+def caption_batch():
+    """Items in order, and whether a caption follows them in their document:
+    row 0 doc 0: P then text 40 41 (yes); Q then only EOI EOS (no: EOS is no caption);
+    row 0 doc 1: caption first, then R, EOI, EOS (no);
+    row 1 doc 0: S then directly another image T (no), T then EOS (no);
+    row 1 doc 1: U, EOI, end of document (no: the text that follows belongs to doc 2);
+    row 1 doc 3: V then a one-token caption 46 (yes)."""
+    img = [[1, 1], [2, 2]]
+    row0 = SequenceLayout([
+        [_t(ST.bos, ST.boi), _f(img), _t(ST.eoi, 40, 41, ST.boi), _f(img), _t(ST.eoi, ST.eos)],
+        [_t(ST.bos, 42, 43, ST.boi), _f(img), _t(ST.eoi, ST.eos)],
+    ])
+    row1 = SequenceLayout([
+        [_t(ST.bos, ST.boi), _f(img), _t(ST.eoi, ST.boi), _f(img), _t(ST.eoi, ST.eos)],
+        [_t(ST.bos, ST.boi), _f(img), _t(ST.eoi)],
+        [_t(ST.bos, 44, 45, ST.eos)],
+        [_t(ST.bos, ST.boi), _f(img), _t(ST.eoi, 46, ST.eos)],
+    ])
+    return collate([row0, row1], seq_length=40, patch_dim=2).validate()
+
+
+def test_captioned_items_definition():
+    batch = caption_batch()
+    idx = LatentIndex.from_batch(batch)
+    assert idx.num_items == 7
+    assert captioned_items(batch, idx).tolist() == [True, False, False, False, False, False, True]
+    assert captioned_items(hand_batch()).tolist() == [True, False, True, False]  # C is captioned (but clean)
+
+
+def test_apply_noise_limits_the_given_items_to_the_cleaner_times():
+    batch = hand_batch()
+    t_block = torch.tensor([0.25, 0.5, 0.75, 0.9, 0.0])
+    z0 = torch.zeros(batch.num_latent_positions, 2)
+    no = torch.zeros(4, dtype=torch.bool)
+    out = apply_noise(batch, t_block, z0, no, limit_item=torch.tensor([True, True, True, False]), caption_min_t=0.5)
+    # A: 0.5 + 0.5 * 0.25; both frames of video B; clean C stays at t = 1; D not limited
+    assert out.latent_t.tolist() == [0.625, 0.625, 0.75, 0.75, 0.875, 0.875, 1.0, 1.0, 0.0, 0.0]
+    assert torch.equal(out.noisy_latents[0:2], 0.625 * batch.latents[0:2])  # z_t uses the limited t
+    plain = apply_noise(batch, t_block, z0, no)
+    for name in NOISE_FIELDS:  # no limit given == all False, bit for bit
+        assert torch.equal(getattr(plain, name), getattr(apply_noise(batch, t_block, z0, no, limit_item=no),
+                                                         name)), name
+    with pytest.raises(ValueError, match="limit_item has shape"):
+        apply_noise(batch, t_block, z0, no, limit_item=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="objective.caption_min_t"):
+        apply_noise(batch, t_block, z0, no, limit_item=no, caption_min_t=1.0)
+
+
+def _old_stream(batch, cfg, seed):
+    """noise_batch as it was before the captioning rule: t, z0, dropout draws only."""
+    g = gen(seed)
+    idx = LatentIndex.from_batch(batch)
+    t = sample_timesteps(idx.num_blocks, cfg, g)
+    z0 = torch.randn(batch.latents.shape, generator=g)
+    return apply_noise(batch, t, z0, torch.rand(idx.num_items, generator=g) < cfg.cond_dropout)
+
+
+def test_caption_fraction_zero_and_bagel_leave_the_old_stream_unchanged():
+    batch = synthetic("mixed", b=6, seed=8)
+    for cfg in (ObjectiveConfig(caption_fraction=0.0, cond_dropout=0.3),
+                ObjectiveConfig(captioning="bagel", caption_fraction=1.0, cond_dropout=0.3)):
+        out, ref = noise_batch(batch, cfg, gen(9)), _old_stream(batch, cfg, 9)
+        for name in NOISE_FIELDS:
+            assert torch.equal(getattr(out, name), getattr(ref, name)), (cfg.captioning, name)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.4])
+def test_caption_fraction_limits_captioned_items_only(fraction):
+    batch = synthetic("mixed", b=8, seed=3)
+    idx = LatentIndex.from_batch(batch)
+    captioned = captioned_items(batch, idx) & idx.item_noised
+    assert captioned.any() and (~captioned & idx.item_noised).any()  # both kinds are present
+    cfg = ObjectiveConfig(caption_fraction=fraction, caption_min_t=0.6)
+    limited_items = total = 0
+    for seed in range(30):
+        out = noise_batch(batch, cfg, gen(seed))
+        free = noise_batch(batch, ObjectiveConfig(caption_fraction=0.0, caption_min_t=0.6), gen(seed))
+        t, t0 = out.latent_t, free.latent_t  # the same t, z0 and dropout draws: only the limit differs
+        assert torch.equal(out.context_start, free.context_start)
+        changed = torch.zeros(idx.num_items, dtype=torch.bool).index_put_((idx.item_index,), t != t0,
+                                                                          accumulate=True)
+        assert not (changed & ~captioned).any()  # items not followed by a caption are never limited
+        mapped = 0.6 + 0.4 * t0
+        limited_row = changed[idx.item_index]
+        assert torch.equal(t[limited_row], mapped[limited_row])  # the whole item: every block, every frame
+        assert (t[limited_row] >= 0.6).all()
+        if fraction == 1.0:
+            assert torch.equal(changed, captioned)  # every captioned item is limited
+        limited_items += int(changed.sum())
+        total += int(captioned.sum())
+    rate = limited_items / total
+    assert abs(rate - fraction) < 5 * math.sqrt(max(fraction * (1 - fraction), 1e-9) / total) + 1e-9, rate
