@@ -111,7 +111,6 @@ class Engine:
         self.device = device if device is not None else next(model.parameters()).device
         self.patch_dim = config.patch_dim
         self.patches_per_frame = (config.latent_size // config.patch_size) ** 2
-        self.padded_vocab_size = config.padded_vocab_size
 
     # ------------------------------------------------------------------ layout of images in the sequence
     def _frame_positions(self) -> int:
@@ -183,7 +182,7 @@ class Engine:
             return []
         rows, segments = self._prepare(prompts, settings)
         runner_cls = CachedRunner if self.use_cache else RecomputeRunner
-        banned = banned_ids(self.vocab_size, self.padded_vocab_size, settings.allow_images, self.special)
+        banned = banned_ids(self.vocab_size, settings.allow_images, self.special)
         with torch.no_grad():
             runner = runner_cls(self.model, len(rows), self.context_length, self.device)
             logits = runner.prefill(segments)

@@ -2,8 +2,10 @@
 
 Every row samples with its own torch.Generator (seeded per prompt), one draw per sampled token, so a prompt gives
 the same tokens alone or in any batch, and a seed fixes the output. Tokens the model must never emit as text are
-masked first: the tensor-parallel padding of the vocabulary, PAD/BOS/UNK/FRAME and the spare reserved ids, EOI
-(the engine appends it after an image), and BOI when images are not allowed.
+masked first: PAD/BOS/UNK/FRAME and the spare reserved ids, EOI (the engine appends it after an image), and BOI
+when images are not allowed. Sampling sees only the real vocabulary: the tensor-parallel padding of the logits
+(whose length depends on the TP size) is cut off first, so every layout draws from the same distribution with the
+same random numbers.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from megafusion.data.special_tokens import SPECIAL_TOKENS, SpecialTokens
 from megafusion.inference.settings import GenerationConfig
 
 
-def banned_ids(vocab_size: int, padded_vocab_size: int, allow_images: bool,
-               special: SpecialTokens = SPECIAL_TOKENS) -> torch.Tensor:
-    """[padded_vocab_size] bool, True for ids text sampling never returns."""
-    banned = torch.zeros(padded_vocab_size, dtype=torch.bool)
-    banned[vocab_size:] = True
+def banned_ids(vocab_size: int, allow_images: bool, special: SpecialTokens = SPECIAL_TOKENS) -> torch.Tensor:
+    """[vocab_size] bool, True for ids text sampling never returns."""
+    banned = torch.zeros(vocab_size, dtype=torch.bool)
     banned[: special.num_reserved] = True
     banned[special.eos] = False
     if allow_images:
@@ -30,8 +30,8 @@ def banned_ids(vocab_size: int, padded_vocab_size: int, allow_images: bool,
 
 def sample_token(logits: torch.Tensor, settings: GenerationConfig, banned: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> int:
-    """logits [V] (one row, full vocabulary) -> a token id."""
-    scores = logits.float().cpu().masked_fill(banned, float("-inf"))
+    """logits [V_padded] (one row, full vocabulary, maybe padded) -> a token id below len(banned)."""
+    scores = logits[: banned.numel()].float().cpu().masked_fill(banned, float("-inf"))
     if settings.temperature == 0.0:
         return int(torch.argmax(scores).item())
     scores = scores / settings.temperature

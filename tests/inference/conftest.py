@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_model.py, trained_run.py
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "preprocess"))  # preprocess_corpus.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))  # loop_harness.py
 
 
 @pytest.fixture(scope="session")

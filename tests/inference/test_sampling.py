@@ -21,14 +21,28 @@ def logits_with(peaks):
 
 
 def test_banned_ids():
-    banned = banned_ids(V, PADDED, allow_images=True)
-    assert banned[V:].all() and banned[ST.pad] and banned[ST.frame] and banned[ST.eoi] and banned[ST.bos]
+    banned = banned_ids(V, allow_images=True)
+    assert banned.shape == (V,) and banned[ST.pad] and banned[ST.frame] and banned[ST.eoi] and banned[ST.bos]
     assert not banned[ST.eos] and not banned[ST.boi] and not banned[ST.num_reserved:V].any()
-    assert banned_ids(V, PADDED, allow_images=False)[ST.boi]
+    assert banned_ids(V, allow_images=False)[ST.boi]
+
+
+def test_the_padding_of_the_vocabulary_never_changes_a_draw():
+    # TP=1 and TP=2 pad the logits to different lengths; the draws must not depend on it
+    banned = banned_ids(V, True)
+    x = torch.randn(V, generator=torch.Generator().manual_seed(2))
+    settings = GenerationConfig(temperature=1.0, top_k=20, top_p=0.9)
+    for pad in (0, 24, 88):
+        padded = torch.cat([x, torch.full((pad,), 5.0)])  # large junk logits in the padding
+        g = torch.Generator().manual_seed(7)
+        draws = [sample_token(padded, settings, banned, g) for _ in range(30)]
+        if pad == 0:
+            reference = draws
+        assert draws == reference and max(draws) < V
 
 
 def test_greedy_and_truncation():
-    banned = banned_ids(V, PADDED, True)
+    banned = banned_ids(V, True)
     x = logits_with({ST.frame: 50.0, V + 3: 60.0, 20: 5.0, 21: 4.9, 22: 1.0})
     assert sample_token(x, GenerationConfig(temperature=0.0), banned) == 20  # banned peaks are skipped
     g = torch.Generator().manual_seed(0)
@@ -41,7 +55,7 @@ def test_greedy_and_truncation():
 
 
 def test_temperature_sampling_follows_the_softmax():
-    banned = banned_ids(V, PADDED, True)
+    banned = banned_ids(V, True)
     x = torch.full((PADDED,), -30.0)  # EOS and BOI are allowed tokens too: keep them unlikely
     x[20], x[21], x[22] = 2.0, 1.0, 0.0
     g = torch.Generator().manual_seed(1)
@@ -52,7 +66,7 @@ def test_temperature_sampling_follows_the_softmax():
 
 
 def test_a_generator_fixes_the_draws():
-    banned = banned_ids(V, PADDED, True)
+    banned = banned_ids(V, True)
     x = torch.randn(PADDED, generator=torch.Generator().manual_seed(3))
     settings = GenerationConfig(temperature=1.0, top_k=10, top_p=0.9)
     a = [sample_token(x, settings, banned, torch.Generator().manual_seed(5)) for _ in range(5)]
