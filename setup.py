@@ -19,6 +19,7 @@ setup(
         "tqdm",
         "tensorboard",
         "pillow",
+        "matplotlib",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "apex"],
