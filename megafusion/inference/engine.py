@@ -183,7 +183,7 @@ class Engine:
         rows, segments = self._prepare(prompts, settings)
         runner_cls = CachedRunner if self.use_cache else RecomputeRunner
         banned = banned_ids(self.vocab_size, settings.allow_images, self.special)
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all: a decode step is mostly per-op overhead
             runner = runner_cls(self.model, len(rows), self.context_length, self.device)
             logits = runner.prefill(segments)
             prompt_lengths = list(runner.positions)

@@ -15,7 +15,8 @@ megafusion/model/moe.py), so each modality has its own experts and router. Submo
 [1, n, h] rather than [n, 1, h]: on CPU, silu_backward over SwiGLU's chunked [n, 1, 2f] fc1 output takes a slow strided path (measured
 251 ms vs 35 ms per training step at d=512, 8 layers, S=512, b=2; benchmarks/train_step.py).
 Every submodule runs on every micro-batch, so collectives inside it (TP, EP token dispatch) and gradient hooks
-fire identically on all ranks; a modality with zero rows (a text-only batch) runs one padding row instead, and
+fire identically on all ranks; a modality with zero rows (a text-only batch) runs one padding row instead (except
+in generation, `layout.inference` set, where every rank skips the same empty branch), and
 MoE layers may get more padding rows (megafusion/model/moe.py rows_to_run: megatron's router cannot reshape an
 empty batch, its allgather dispatcher needs equal row counts on every expert-parallel rank).
 
@@ -121,6 +122,11 @@ class ModalityMLP(MegatronModule):
             rows = layout.modality_rows(modality)
             x, padding = flat.index_select(0, rows), _row_padding(layout, modality)
             n = rows.numel()
+            if n == 0 and layout.inference is not None:
+                # generation: every rank holds the same rows (TP) and experts are not split (EP = 1), so no
+                # collective needs the empty branch; skipping it halves a decode step's FFN weight reads
+                outputs.append(flat.new_zeros(0, h))
+                continue
             extra = rows_to_run(module, n, layout, modality) - n
             if extra:  # padding rows for MoE dispatch (megafusion/model/moe.py); their outputs are dropped below
                 x = torch.cat([x, x.new_zeros(extra, h)])

@@ -151,18 +151,21 @@ class MultimodalModel(LanguageModule):
         key = (seq_length, str(device))
         emb = self._rope_cache.get(key)
         if emb is None:
-            rope = self.rotary_pos_emb
-            if device.type == "cuda":
-                emb = rope(seq_length)
-            else:
-                freqs = rope.get_freqs_non_repeated(seq_length)  # [s, d/2]
-                if rope.rotary_interleaved:
-                    emb = torch.stack((freqs, freqs), dim=-1).view(seq_length, -1)
-                else:
-                    emb = torch.cat((freqs, freqs), dim=-1)
-                emb = emb[:, None, None, :]
-            self._rope_cache[key] = emb = emb.to(device)
+            with torch.inference_mode(False):  # a table built during generation must serve training too
+                emb = self._build_rotary_table(seq_length, device)
+            self._rope_cache[key] = emb
         return emb
+
+    def _build_rotary_table(self, seq_length: int, device: torch.device) -> torch.Tensor:
+        rope = self.rotary_pos_emb
+        if device.type == "cuda":
+            return rope(seq_length).to(device)
+        freqs = rope.get_freqs_non_repeated(seq_length)  # [s, d/2]
+        if rope.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).view(seq_length, -1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, None, None, :].to(device)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """LanguageModule's (handles embedding/output tying) without the output layer's empty extra state."""
