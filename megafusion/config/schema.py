@@ -323,6 +323,10 @@ class TrainingConfig:
     """On NaN/Inf loss or gradients: skip the step or halt."""
     exit_interval: Optional[int] = None
     """Save a checkpoint and exit (status 0) after a step divisible by this: a planned, resumable stop."""
+    exit_duration_minutes: Optional[float] = None
+    """Save a checkpoint and exit (status 0) after the first step that ends this many minutes after training
+    started (Megatron-LM's --exit-duration-in-mins): a wall-clock budget, e.g. within a cluster job's time
+    limit. All ranks stop at the same step."""
     eval_interval: int = 0
     """Validation every N steps (0 = off)."""
     eval_steps: int = 2
@@ -340,6 +344,8 @@ class TrainingConfig:
                f"{s}: set train_steps or flops_budget")
         _check(self.train_steps is None or self.train_steps >= 0, f"{s}.train_steps must be >= 0")
         _check(self.exit_interval is None or self.exit_interval >= 1, f"{s}.exit_interval must be >= 1")
+        _check(self.exit_duration_minutes is None or self.exit_duration_minutes > 0,
+               f"{s}.exit_duration_minutes={self.exit_duration_minutes} must be positive (or null for no limit)")
         _choice(s, "precision", self.precision, ("auto", "fp32", "bf16"))
         _choice(s, "recompute", self.recompute, ("none", "selective", "full"))
         _choice(s, "nan_policy", self.nan_policy, ("skip", "halt"))

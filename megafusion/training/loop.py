@@ -2,7 +2,7 @@
 
     setup:  parallel groups -> model chunks (DDP) -> optimizer + LR schedule -> loss weighting -> resume -> data
     step:   micro-batches (noised) -> forward_backward_func -> NaN guard -> clip + update -> LR + EMA -> log
-            -> maybe evaluate -> maybe checkpoint -> agreed stop on SIGTERM/SIGUSR1
+            -> maybe evaluate -> maybe checkpoint -> agreed stop on SIGTERM/SIGUSR1 or the wall-clock budget
 
 Every rank runs the same loop; logged values are reduced over data-parallel ranks and taken from the last
 pipeline stage, so every rank holds the same numbers (the adaptive-weighting EMA relies on it).
@@ -204,6 +204,9 @@ class Trainer:
         cfg, records = self.cfg, []
         stop = StopSignal.install()
         tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
+        deadline = None
+        if cfg.training.exit_duration_minutes is not None:
+            deadline = time.monotonic() + 60.0 * cfg.training.exit_duration_minutes
         try:
             while self.state.step < self.total_steps:
                 start = time.perf_counter()
@@ -221,9 +224,13 @@ class Trainer:
                 if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and self.guard.last_ok:
                     self.save()
                 planned_exit = bool(cfg.training.exit_interval) and step % cfg.training.exit_interval == 0
+                timed_out = deadline is not None and time.monotonic() > deadline
+                if timed_out:
+                    stop.request()  # agreed over ranks by should_stop, like a signal
                 if stop.should_stop() or planned_exit:
                     if self.is_logger:
-                        reason = "training.exit_interval" if planned_exit else "a signal"
+                        reason = ("training.exit_interval" if planned_exit else
+                                  "training.exit_duration_minutes" if timed_out else "a signal")
                         logger.info("stop requested by %s: saving at step %d and exiting", reason, step)
                     if self.guard.last_ok:
                         self.save()
