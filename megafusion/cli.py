@@ -3,6 +3,7 @@
     megafusion train    --config tiny [section.key=value ...]     # one process, or under torchrun
     megafusion config   --config tiny [section.key=value ...]     # print the resolved config
     megafusion generate --checkpoint RUN --prompts prompts.jsonl --out DIR [options]   # text and images
+    megafusion demo     [--out out/demo] [--minutes 15] [--compare-weighting]           # the whole pipeline
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     from megafusion.inference.cli import add_arguments as generate_arguments
 
     generate_arguments(sub.add_parser("generate", help="generate text and images from a checkpoint"))
+    demo = sub.add_parser("demo", help="corpus -> tokenizer -> preprocessing -> training -> generation -> scores")
+    demo.add_argument("--out", default="out/demo", help="demo folder (report in <out>/report/report.md)")
+    demo.add_argument("--minutes", type=float, default=15.0, help="time budget of the whole demo on this machine")
+    demo.add_argument("--compare-weighting", action="store_true",
+                      help="also train with fixed loss weighting on the same budget and report both")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the world, the corpus and training")
     return parser
 
 
@@ -31,6 +38,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megafusion.inference.cli import run
 
         return run(args)
+    if args.command == "demo":
+        from megafusion.demo.pipeline import Pipeline, StageFailed
+
+        try:
+            Pipeline(args.out, args.minutes, args.compare_weighting, args.seed).run()
+        except (StageFailed, ValueError) as exc:
+            print(f"megafusion demo: {exc}", file=sys.stderr)
+            return 1
+        return 0
     from megafusion.config import load_config, to_yaml
 
     try:
