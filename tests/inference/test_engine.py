@@ -104,6 +104,20 @@ def test_bagel_conditioning_cached_equals_recomputation():
     assert cached[1].prompt_length == 1 + 1 + 2 * PATCHES + 1 + 2
 
 
+def test_mixture_of_experts_model_cached_equals_recomputation():
+    from megafusion.parallel.cpu_compat import disable_cpu_compat, enable_cpu_compat
+
+    active = enable_cpu_compat()  # megatron's MoE layer asks for CUDA streams (megafusion.parallel.cpu_compat B)
+    try:
+        model = tiny_model(seed=2, moe={"num_experts": 4, "router_topk": 2})
+        settings = GenerationConfig(max_new_tokens=6, temperature=1.0, steps=2, cfg_scale=2.0)
+        cached = run(model, prompts(), settings)
+        assert_same(cached, run(model, prompts(), settings, use_cache=False))
+    finally:
+        if active:
+            disable_cpu_compat()
+
+
 @pytest.mark.parametrize("solver", ["heun", "midpoint"])
 def test_second_order_solvers_cached_equals_recomputation(model, solver):
     settings = GenerationConfig(max_new_tokens=3, steps=2, solver=solver, timestep_shift=2.0, frames=2,

@@ -1,5 +1,6 @@
 """Generation across layouts (gloo processes): TP=2 generates what one process generates, and a checkpoint trained
-with PP=2 generates what its TP=1/PP=1 re-save generates."""
+with PP=2 (or with EP=2 mixture-of-experts layers) generates in one process what its TP=1/PP=1/EP=1 re-save
+generates."""
 
 from __future__ import annotations
 
@@ -71,13 +72,17 @@ def _resave_worker(rank, world_size, checkpoint, save_dir):
         destroy_parallel()
 
 
-def test_pipeline_trained_checkpoint_generates_like_its_single_stage_resave(tmp_path):
+@pytest.mark.parametrize("layout", [
+    ["parallel.pipeline_model_parallel_size=2"],
+    ["parallel.expert_model_parallel_size=2", "model.moe.num_experts=4", "model.moe.router_topk=2"],
+], ids=["pp2", "ep2-moe"])
+def test_a_parallel_trained_checkpoint_generates_like_its_single_process_resave(tmp_path, layout):
     from loop_harness import run_train
 
-    pp2 = tmp_path / "pp2"
-    run_train(tmp_path, "train_pp2", ["parallel.pipeline_model_parallel_size=2", "training.train_steps=2",
-                                      "checkpoint.save_at_end=true", f"checkpoint.save_dir={pp2}"], world_size=2)
+    saved = tmp_path / "saved"
+    run_train(tmp_path, "train", layout + ["training.train_steps=2", "checkpoint.save_at_end=true",
+                                           f"checkpoint.save_dir={saved}"], world_size=2)
     resaved = tmp_path / "resaved"
-    run_distributed(_resave_worker, 1, args=(str(pp2), str(resaved)))
+    run_distributed(_resave_worker, 1, args=(str(saved), str(resaved)))
     assert (resaved / "iter_0000002" / "megafusion_complete.json").is_file()
-    _assert_same(_generate(pp2, tmp_path, "from_pp2", 1), _generate(resaved, tmp_path, "from_resave", 1))
+    _assert_same(_generate(saved, tmp_path, "from_saved", 1), _generate(resaved, tmp_path, "from_resave", 1))

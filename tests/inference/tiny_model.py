@@ -14,6 +14,10 @@ PATCHES, PATCH_DIM = (LATENT_SIZE // PATCH) ** 2, CHANNELS * PATCH * PATCH
 
 
 def tiny_config(**model) -> Config:
+    from megafusion.config.schema import MoEConfig
+
+    if isinstance(model.get("moe"), dict):
+        model["moe"] = MoEConfig(**model["moe"])
     fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                   vocab_size=VOCAB, latent_channels=CHANNELS, latent_size=LATENT_SIZE, patch_size=PATCH,
                   transformer_impl="local")
