@@ -18,6 +18,7 @@ MOE_MODALITIES = ("text", "image")
 MOE_LOAD_BALANCING = ("aux_loss", "none")
 MOE_DISPATCHERS = ("alltoall", "allgather")
 CAPTIONING_RULES = ("transfusion", "bagel")
+PATCH_POSITION_EMBEDDINGS = ("none", "sincos2d")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -124,6 +125,10 @@ class ModelConfig:
     """Separate FFN weights for text and image positions (False: one shared FFN, a plain GPT layer)."""
     timestep_embed_dim: int = 256
     """Width of the sinusoidal flow-time features fed to the timestep MLP."""
+    patch_position_embedding: str = "none"
+    """Where a latent patch sits inside its image: none (only the sequence RoPE, which sees the patches in raster
+    order) | sincos2d (DiT's fixed 2D sine-cosine embedding of the patch's row and column, added to the patch
+    embedding; no parameters)."""
     attention_backend: str = "auto"
     """dense | segmented | flex | te | auto (flex on GPU, segmented on CPU); te must be chosen explicitly since its
     fused masks only cover text-only batches efficiently."""
@@ -148,6 +153,7 @@ class ModelConfig:
         _check(self.latent_size % self.patch_size == 0,
                f"{s}.latent_size={self.latent_size} is not divisible by patch_size={self.patch_size}")
         _choice(s, "normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        _choice(s, "patch_position_embedding", self.patch_position_embedding, PATCH_POSITION_EMBEDDINGS)
         _choice(s, "activation", self.activation, ("swiglu", "gelu"))
         _choice(s, "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice(s, "transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)

@@ -51,8 +51,9 @@ def training_plan(minutes: float) -> tuple:
 
 class Pipeline:
     def __init__(self, out: str, minutes: float = 15.0, compare_weighting: bool = False, seed: int = 0,
-                 corpus_scale: float = 1.0, train_overrides: Optional[List[str]] = None):
+                 corpus_scale: float = 1.0, train_overrides: Optional[List[str]] = None, prompt_seeds: int = 2):
         self.out = os.path.abspath(out)
+        self.prompt_seeds = prompt_seeds
         self.minutes, self.compare, self.seed, self.scale = minutes, compare_weighting, seed, corpus_scale
         self.train_steps, self.train_minutes = training_plan(minutes)
         self.train_overrides = list(train_overrides or [])
@@ -82,7 +83,7 @@ class Pipeline:
                 f"training.exit_duration_minutes={self.train_minutes:.2f}", f"objective.loss_weighting={label}",
                 f"training.seed={self.seed}", f"model.vocab_size={VOCAB_SIZE}", *self.train_overrides]))
         steps.append(("prompts", [py, "-m", "megafusion.demo.stages", "prompts", "--corpus", d("corpus"),
-                                  "--out", d("prompts")]))
+                                  "--out", d("prompts"), "--seeds", str(self.prompt_seeds)]))
         for label in self.labels:
             common = ["--checkpoint", d("runs", label), "--no-progress", *GENERATION]
             steps += [
@@ -147,7 +148,8 @@ class Pipeline:
     def _save(self, total_seconds: float) -> None:
         info = {"stages": self.stages, "total_seconds": round(total_seconds, 1),
                 "settings": {"minutes": self.minutes, "seed": self.seed, "compare_weighting": self.compare,
-                             "corpus_scale": self.scale, "train_steps": self.train_steps,
+                             "corpus_scale": self.scale, "prompt_seeds": self.prompt_seeds,
+                             "train_steps": self.train_steps,
                              "train_minutes_cap": round(self.train_minutes, 2), "runs": self.labels}}
         with open(self.path("demo.json"), "w") as f:
             json.dump(info, f, indent=2)

@@ -4,7 +4,9 @@
   vocab_size rounded up to make_vocab_size_divisible_by * TP), as in megatron's LanguageModelEmbedding;
 - latent positions: a linear patch embedding patch_dim -> h of Batch.noisy_latents, written over the placeholder
   token's embedding; at noised positions (Batch.noised) a flow-time embedding of Batch.latent_t is added
-  (sinusoidal features of 1000 * t -> Linear -> SiLU -> Linear, as in DiT).
+  (sinusoidal features of 1000 * t -> Linear -> SiLU -> Linear, as in DiT); with
+  model.patch_position_embedding=sincos2d, DiT's fixed 2D sine-cosine embedding of the patch's (row, column) in
+  its image is added too (a patch's place in its block is its raster index: blocks are whole frames).
 
 Positions carry no absolute embedding: RoPE over 0..s-1 of the packed sequence is applied in attention.
 `latent_rows(layout)` maps Batch latent rows (row-major (b, s) order) to rows of hidden states flattened
@@ -38,6 +40,38 @@ def latent_rows(layout: AttentionLayout) -> torch.Tensor:
 def noised_latent_rows(layout: AttentionLayout) -> torch.Tensor:
     """[N] bool: which latent rows are noised (carry z_t rather than clean conditioning latents)."""
     return layout.cached("noised_latent_rows", lambda: layout.noised[layout.modality == MODALITY_IMAGE])
+
+
+def patch_index_in_block(layout: AttentionLayout) -> torch.Tensor:
+    """[N] raster index of each latent row inside its visual block (Batch latent-row order)."""
+
+    def build():
+        bi, si = torch.nonzero(layout.modality == MODALITY_IMAGE, as_tuple=True)
+        n = bi.numel()
+        index = torch.arange(n, device=bi.device)
+        if n == 0:
+            return index
+        block = layout.block_ids[bi, si]
+        first = torch.ones(n, dtype=torch.bool, device=bi.device)
+        first[1:] = (bi[1:] != bi[:-1]) | (block[1:] != block[:-1])
+        start = torch.cummax(torch.where(first, index, torch.zeros_like(index)), dim=0).values
+        return index - start
+
+    return layout.cached("patch_index_in_block", build)
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """[grid * grid, dim] fp32: half the channels encode the row, half the column, each as DiT's 1D sin-cos
+    (frequencies 1 / 10000^(2i / (dim / 2))); rows in raster order. dim must be divisible by 4."""
+    if dim % 4:
+        raise ValueError(f"model.patch_position_embedding=sincos2d needs hidden_size divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    one = torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], dim=1)  # [grid, dim/2]
+    rows = one[:, None, :].expand(grid, grid, dim // 2)
+    cols = one[None, :, :].expand(grid, grid, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
 
 
 def make_linear(config, in_features: int, out_features: int, bias: bool = True) -> torch.nn.Linear:
@@ -91,6 +125,11 @@ class MultimodalEmbedding(MegatronModule):
         )
         self.patch_embed = make_linear(config, config.patch_dim, config.hidden_size)
         self.timestep_embed = TimestepEmbedding(config)
+        self.patches_per_frame = (config.latent_size // config.patch_size) ** 2
+        positions = None
+        if config.patch_position_embedding == "sincos2d":
+            positions = sincos_2d(config.hidden_size, config.latent_size // config.patch_size)
+        self.register_buffer("patch_positions", positions, persistent=False)  # None: no 2D embedding
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def forward(self, batch: Batch, layout: AttentionLayout) -> torch.Tensor:
@@ -106,6 +145,12 @@ class MultimodalEmbedding(MegatronModule):
         latents = self.patch_embed(batch.noisy_latents.to(self.patch_embed.weight.dtype))  # [N, h]
         noised = noised_latent_rows(layout).unsqueeze(1).to(latents.dtype)
         latents = latents + self.timestep_embed(batch.latent_t) * noised
+        if self.patch_positions is not None:
+            index = patch_index_in_block(layout)
+            if index.numel() and int(index.max()) >= self.patches_per_frame:
+                raise ValueError(f"a visual block holds more than {self.patches_per_frame} latent positions "
+                                 f"((latent_size / patch_size)^2); blocks must be single frames")
+            latents = latents + self.patch_positions.to(latents.dtype).index_select(0, index)
         # every branch runs even with N = 0, so all parameters take part in every step on every rank
         embeddings = text.view(s * b, h).index_copy(0, latent_rows(layout), latents.to(text.dtype)).view(s, b, h)
         if self.config.fp32_residual_connection:

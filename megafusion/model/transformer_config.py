@@ -30,6 +30,8 @@ class MultimodalTransformerConfig(TransformerConfig):
     """Separate text and image FFN weights."""
     timestep_embed_dim: int = 256
     """Sinusoidal flow-time feature width."""
+    patch_position_embedding: str = "none"
+    """none | sincos2d: a fixed 2D sine-cosine embedding of each patch's row and column in its image."""
     hybrid_attention_backend: str = "segmented"
     """Resolved backend of megafusion.model.attention (never `auto` here)."""
     hide_noised_latents: bool = False
@@ -116,6 +118,7 @@ def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True
         patch_size=m.patch_size,
         modality_ffn=m.modality_ffn,
         timestep_embed_dim=m.timestep_embed_dim,
+        patch_position_embedding=m.patch_position_embedding,
         hybrid_attention_backend=resolve_backend(m.attention_backend),
         hide_noised_latents=m.hide_noised_latents,
         rotary_base=m.rotary_base,

@@ -104,6 +104,11 @@ def test_bagel_conditioning_cached_equals_recomputation():
     assert cached[1].prompt_length == 1 + 1 + 2 * PATCHES + 1 + 2
 
 
+def test_2d_patch_positions_cached_equals_recomputation():
+    model = tiny_model(seed=3, patch_position_embedding="sincos2d")
+    assert_same(run(model, prompts()), run(model, prompts(), use_cache=False))
+
+
 def test_mixture_of_experts_model_cached_equals_recomputation():
     from megafusion.parallel.cpu_compat import disable_cpu_compat, enable_cpu_compat
 
