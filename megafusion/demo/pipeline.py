@@ -29,8 +29,8 @@ import time
 from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGE_RESERVE_MINUTES = 2.5  # corpus, tokenizer, preprocessing, generation, scoring, report, process start-ups
-STEPS_PER_MINUTE = 60.0  # configs/demo.yaml on the reference 2-core machine (about 3.2k tokens/s)
+STAGE_RESERVE_MINUTES = 3.5  # corpus, tokenizer, preprocessing, generation, scoring, report, process start-ups
+STEPS_PER_MINUTE = 55.0  # configs/demo.yaml on the reference 2-core machine (about 3k tokens/s)
 MIN_TRAIN_STEPS = 20
 VOCAB_SIZE = 512
 GENERATION = ["--steps", "25", "--cfg-scale", "3", "--batch-size", "16"]

@@ -116,3 +116,9 @@ def test_an_encoder_that_does_not_match_the_checkpoint_is_refused(trained_run, t
                     "resolution=16") == 2
     err = capsys.readouterr().err
     assert "encoder makes latents [3, 16, 16] but the checkpoint's model expects [3, 8, 8]" in err
+
+
+def test_bf16_generation_loads_the_fp32_checkpoint(trained_run, tmp_path):
+    assert generate(trained_run, tmp_path, [{"id": "b", "text": "a dog", "image": True}], "--precision", "bf16") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["precision"] == "bf16" and results["prompts"][0]["images"] == ["b_image0.png"]
