@@ -29,8 +29,8 @@ import time
 from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGE_RESERVE_MINUTES = 3.5  # corpus, tokenizer, preprocessing, generation, scoring, report, process start-ups
-STEPS_PER_MINUTE = 55.0  # configs/demo.yaml on the reference 2-core machine (about 3k tokens/s)
+STAGE_RESERVE_MINUTES = 2.5  # corpus, tokenizer, preprocessing, generation, scoring, report: ~2.1 min measured
+STEPS_PER_MINUTE = 65.0  # configs/demo.yaml on the reference 2-core machine (632 steps took 9.5 minutes)
 MIN_TRAIN_STEPS = 20
 VOCAB_SIZE = 512
 GENERATION = ["--steps", "25", "--cfg-scale", "3", "--batch-size", "16"]

@@ -218,7 +218,8 @@ class Trainer:
                 if cfg.training.eval_interval and step % cfg.training.eval_interval == 0:
                     values["valid_loss"] = self.evaluate()
                 records.append({"step": step, **values})
-                if step % cfg.logging.log_interval == 0 and self.is_logger:
+                last = step == self.total_steps
+                if (step % cfg.logging.log_interval == 0 or last) and self.is_logger:  # the final step always
                     self.metrics.write(step, values)
                     logger.info(format_line(step, self.total_steps, values))
                 if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and self.guard.last_ok:

@@ -133,5 +133,5 @@ def test_pipeline_plan_and_budget(tmp_path):
     assert names[:4] == ["corpus", "tokenizer", "preprocess", "train (adaptive)"] and "train (fixed)" in names
     assert names[-1] == "report" and sum(n.startswith("generate") for n in names) == 6
     train = dict(plan)["train (fixed)"]
-    assert "objective.loss_weighting=fixed" in train and "training.exit_duration_minutes=6.50" in train
+    assert "objective.loss_weighting=fixed" in train and "training.exit_duration_minutes=7.50" in train
     assert "--workers" in dict(plan)["preprocess"] and "tools/preprocess_data.py" in dict(plan)["preprocess"]
