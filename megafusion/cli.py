@@ -57,10 +57,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return 0
+    from megafusion.errors import run_reporting
     from megafusion.training.loop import train
 
-    train(cfg)
-    return 0
+    def body() -> int:
+        train(cfg)
+        return 0
+
+    return run_reporting("train", body)
 
 
 if __name__ == "__main__":

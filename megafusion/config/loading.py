@@ -3,7 +3,8 @@
     cfg = load_config("configs/tiny.yaml", ["model.num_layers=4", "training.train_steps=10"])
 
 Presets may name another preset with a top-level `defaults: other.yaml` (a path relative to the file), merged
-first. An unknown key or a value of the wrong type is a ValueError naming the key; semantic checks run in the
+first. An unknown key or a value of the wrong type is a ValueError naming the key (a file that is not YAML, or
+whose top level is not a mapping, one naming the file); semantic checks run in the
 dataclasses' __post_init__ when the merged tree is turned back into objects.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,7 +36,13 @@ def resolve_preset(name_or_path: str) -> str:
 def _read_yaml(path: str, seen=()) -> DictConfig:
     if path in seen:
         raise ValueError(f"{path}: circular `defaults` chain {list(seen) + [path]}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, DictConfig):
+        raise ValueError(f"{path}: the top level must be a mapping of sections (model:, data:, training:, ...), "
+                         f"found a {type(raw).__name__.replace('Config', '').lower()}")
     base = raw.pop("defaults", None)
     if base is None:
         return raw

@@ -11,6 +11,9 @@ IndexedDataset and checks them against `manifest.json` before anything is read:
     ("float32", or "float16-as-uint16" / "bfloat16-as-uint16": 2-byte bit patterns in a uint16 IndexedDataset,
     since megatron's DType has no 16-bit float code) and every latent sequence holds C*H*W values
   - both datasets hold `manifest.counts.documents` documents
+  - every token id is below the tokenizer's vocabulary (`manifest.tokenizer.vocab_size`): the largest id is
+    `manifest.files["tokens.bin"].max_id` (folders written before it was recorded are scanned once); the loader
+    then checks the model's vocabulary against both (`max_token_id`, `tokenizer_vocab_size`)
 
 Any failure raises `DatasetFormatError` naming the file and what is wrong. FRAME tokens are counted per document
 when the document is first laid out (`frame_positions`): a document whose FRAME count differs from its number of
@@ -145,6 +148,22 @@ class MultimodalDataset:
         storage_np, self.latent_dtype = LATENT_STORAGE[self.manifest["latent_storage"]]
         self._check_idx("tokens", np.int32, one_sequence_per_document=True)
         self._check_idx("latents", storage_np, one_sequence_per_document=False)
+        self._check_token_range()
+
+    def _check_token_range(self) -> None:
+        tokens = self._path("tokens.bin")
+        recorded = self.manifest["files"]["tokens.bin"].get("max_id")
+        if recorded is not None:
+            self.max_token_id = int(recorded)
+        else:
+            self.max_token_id = int(_flat_view(tokens, np.int32).max()) if os.path.getsize(tokens) else -1
+        vocab = self.manifest.get("tokenizer", {}).get("vocab_size")
+        self.tokenizer_vocab_size: Optional[int] = int(vocab) if vocab is not None else None
+        if self.tokenizer_vocab_size is not None and self.max_token_id >= self.tokenizer_vocab_size:
+            raise DatasetFormatError(
+                f"{tokens}: holds token id {self.max_token_id}, outside the tokenizer's vocabulary of "
+                f"{self.tokenizer_vocab_size} ({self._path(MANIFEST)} tokenizer.vocab_size): the tokens are corrupt "
+                f"or were written with another tokenizer; re-run preprocessing")
 
     def _check_idx(self, stem: str, dtype, one_sequence_per_document: bool) -> None:
         idx, bin_ = self._path(stem + ".idx"), self._path(stem + ".bin")

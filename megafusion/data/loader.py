@@ -32,6 +32,8 @@ data; `valid_iter.reset()` restarts it so each evaluation can see the same batch
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -47,6 +49,8 @@ from megafusion.data.packing import read_rows
 from megafusion.data.sampler import MicroBatchSampler, PackedRowStream, split_documents
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 from megafusion.data.workers import WorkerPool
+
+logger = logging.getLogger(__name__)
 
 TRAIN, VALID = 0, 1
 
@@ -199,8 +203,25 @@ def open_datasets(cfg: Config) -> List[MultimodalDataset]:
                 f"{path}: latent_shape [{c}, {h}, {w}] does not match model.latent_channels={m.latent_channels} "
                 f"and model.latent_size={m.latent_size}; set them to the dataset's encoder output"
             )
+        check_vocab(m.vocab_size, ds)
         datasets.append(ds)
     return datasets
+
+
+def check_vocab(vocab_size: int, ds: MultimodalDataset) -> None:
+    """model.vocab_size against a dataset's tokenizer and its largest token id: smaller is an error (ids past the
+    embedding table), larger a warning (rows that are never trained)."""
+    manifest = os.path.join(ds.folder, "manifest.json")
+    tok = ds.tokenizer_vocab_size
+    if tok is not None and vocab_size < tok:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer vocabulary {tok} of "
+                         f"{ds.folder} ({manifest} tokenizer.vocab_size); set model.vocab_size={tok}")
+    if ds.max_token_id >= vocab_size:
+        raise ValueError(f"{ds.folder}: tokens.bin holds token id {ds.max_token_id} but model.vocab_size="
+                         f"{vocab_size}; set model.vocab_size to at least {ds.max_token_id + 1}")
+    if tok is not None and vocab_size > tok:
+        logger.warning("model.vocab_size=%d is larger than the tokenizer vocabulary %d of %s: %d embedding rows "
+                       "are never trained", vocab_size, tok, ds.folder, vocab_size - tok)
 
 
 def _packed_sources(cfg: Config, datasets: Sequence[MultimodalDataset]) -> Tuple[PackedRows, Optional[PackedRows]]:

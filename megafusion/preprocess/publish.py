@@ -97,14 +97,26 @@ class ShardMerger:
                     os.remove(path)
 
 
-def file_entries(output: str, known_sha256: Dict[str, str]) -> Dict[str, dict]:
-    """Size and sha256 of every published file; `known_sha256` holds digests already computed while merging."""
+def file_entries(output: str, known_sha256: Dict[str, str], stats: List[dict]) -> Dict[str, dict]:
+    """Size and sha256 of every published file (`known_sha256`: digests already computed while merging), and
+    tokens.bin's largest token id (from the shards' stats; scanned once when a shard of an older run lacks it), so
+    a reader range-checks ids against the model's vocabulary without reading the tokens."""
     entries = {}
     for name in DATA_FILES + ("rejects.jsonl",):
         path = os.path.join(output, name)
         digest = known_sha256.get(name) or file_sha256(path)
         entries[name] = {"bytes": os.path.getsize(path), "sha256": digest}
+    entries["tokens.bin"]["max_id"] = max_token_id(os.path.join(output, "tokens.bin"), stats)
     return entries
+
+
+def max_token_id(tokens_bin: str, stats: List[dict]) -> int:
+    """The largest id in `tokens_bin` (-1 when it holds none): from the shards' stats, or by one scan of the file."""
+    if all("max_token_id" in s for s in stats):
+        return max([int(s["max_token_id"]) for s in stats] + [-1])
+    if os.path.getsize(tokens_bin) == 0:
+        return -1
+    return int(np.memmap(tokens_bin, dtype=np.int32, mode="r").max())
 
 
 def write_manifest(output: str, manifest: dict) -> str:

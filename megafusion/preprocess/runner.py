@@ -190,9 +190,9 @@ def _log(message: str) -> None:
 
 
 def _encode_merge_publish(opts: PreprocessOptions, shards: List[ShardSpec], pending: List[ShardSpec],
-                          shards_dir: str, storage_dtype, progress: _Progress) -> Tuple[dict, dict, Dict[str, str]]:
+                          shards_dir: str, storage_dtype, progress: _Progress) -> Tuple[dict, dict, dict]:
     """Encode the pending shards while merging finished ones in order, enforce the reject threshold, publish the
-    data files. Returns the counts, the rejects by reason and the .bin sha256s."""
+    data files. Returns the counts, the rejects by reason and the manifest's `files` entries."""
     merger = ShardMerger(opts.output, shards_dir, len(shards), storage_dtype)
     try:
         waiting = {spec.index for spec in pending}
@@ -220,14 +220,29 @@ def _encode_merge_publish(opts: PreprocessOptions, shards: List[ShardSpec], pend
                 f"--max-reject-fraction {opts.max_reject_fraction} ({reasons}); see "
                 f"{os.path.join(opts.output, 'rejects.jsonl')}. No dataset was published; fix the inputs or raise "
                 f"the threshold (finished shards are reused on the next run)")
-        return counts, by_reason, merger.publish()
+        digests = merger.publish()
+        return counts, by_reason, file_entries(opts.output, digests, stats)
     except BaseException:
         merger.discard()
         raise
 
 
 def run_preprocess(opts: PreprocessOptions) -> dict:
-    """Run (or resume) preprocessing; returns the published manifest."""
+    """Run (or resume) preprocessing; returns the published manifest. A run that fails before any shard finished
+    removes the output folder it created (no empty or half-made folder is left to look like a dataset); a run that
+    finished shards keeps them, so re-running the same command resumes."""
+    created = not os.path.exists(opts.output)
+    try:
+        return _run_preprocess(opts)
+    except BaseException:
+        shards_dir = os.path.join(opts.output, "shards")
+        finished = os.path.isdir(shards_dir) and any(n.endswith(".done.json") for n in os.listdir(shards_dir))
+        if created and not finished and not os.path.isfile(os.path.join(opts.output, "manifest.json")):
+            shutil.rmtree(opts.output, ignore_errors=True)
+        raise
+
+
+def _run_preprocess(opts: PreprocessOptions) -> dict:
     from megafusion.encoders import build_encoder
 
     os.makedirs(opts.output, exist_ok=True)
@@ -260,7 +275,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     if len(pending) < len(shards):
         _log(f"resuming: {len(shards) - len(pending)} of {len(shards)} shards already finished")
     progress = _Progress(total, sum(s.stop - s.start for s in shards if done[s.index] is not None), opts.progress)
-    counts, by_reason, digests = _encode_merge_publish(opts, shards, pending, shards_dir, storage_dtype, progress)
+    counts, by_reason, files = _encode_merge_publish(opts, shards, pending, shards_dir, storage_dtype, progress)
     inputs = []
     for i, path in enumerate(opts.inputs):
         inputs.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path),
@@ -275,7 +290,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         "tokenizer": tokenizer.describe(),
         "counts": counts,
         "rejected_by_reason": by_reason,
-        "files": file_entries(opts.output, digests),
+        "files": files,
         "inputs": inputs,
         "options": opts.settings(),
         "fingerprint": fingerprint,

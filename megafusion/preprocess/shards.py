@@ -103,6 +103,7 @@ class ShardStats:
     rejected: int = 0
     rejected_by_reason: Dict[str, int] = field(default_factory=empty_counts)
     file_bytes: Dict[str, int] = field(default_factory=dict)
+    max_token_id: int = -1  # the largest token id written (-1: none); the manifest records it for tokens.bin
 
 
 class ShardWriter:
@@ -137,6 +138,8 @@ class ShardWriter:
             self.latents.end_document()
         s.documents += 1
         s.tokens += int(result.tokens.size)
+        if result.tokens.size:
+            s.max_token_id = max(s.max_token_id, int(result.tokens.max()))
         s.images += result.images
         s.frames += result.frames
 

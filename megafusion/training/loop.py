@@ -37,6 +37,7 @@ from megafusion.training.moe_metrics import MoEAuxLossMeter
 from megafusion.training.nan_guard import NanGuard
 from megafusion.training.optimizer import build_lr_scheduler, build_optimizer
 from megafusion.training.signals import StopSignal
+from megafusion.utils.files import ensure_writable_dir
 
 logger = logging.getLogger("megafusion.train")
 
@@ -57,6 +58,9 @@ def clip_by_total_norm(optimizer, grad_norm: float) -> None:
 def train(cfg: Config) -> List[Dict[str, float]]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron logs every parameter name at INFO
+    ensure_writable_dir(cfg.training.run_dir, "training.run_dir")  # before any compute: named, one line
+    if cfg.checkpoint.save_dir:
+        ensure_writable_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir")
     info = initialize_parallel(cfg.parallel, cfg.training.seed)
     try:
         return Trainer(cfg, info).run()

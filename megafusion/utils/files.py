@@ -1,4 +1,4 @@
-"""Durable files: fsync, write-then-rename publishing, and content hashes.
+"""Durable files: fsync, write-then-rename publishing, content hashes, and the writable-folder check of a run.
 
 Preprocessing outputs and checkpoints are both published so that a reader (or a resumed run) never sees a
 half-written file under its final name: write a temp file in the same folder, fsync it, rename it, fsync the folder.
@@ -73,3 +73,18 @@ def file_sha256(path: PathLike) -> str:
     digest = hashlib.sha256()
     hash_file_into(digest, path)
     return digest.hexdigest()
+
+
+def ensure_writable_dir(path: PathLike, flag: str) -> None:
+    """Create `path` if needed and prove it writable (a probe file written and removed), before any compute; the
+    error names the flag that set the path and the reason (a file in the way, permissions, a read-only mount)."""
+    from megafusion.errors import RunError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"{flag}={path}: cannot write there ({e.strerror or e}); choose a writable folder") from None

@@ -161,3 +161,26 @@ def test_threshold_failure_exits_nonzero_and_publishes_nothing(tmp_path, tokeniz
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["counts"]["rejected"] == len(expected)
     assert manifest["command"].startswith("tools/preprocess_data.py --input")
+
+
+def test_a_run_that_fails_before_any_record_leaves_no_output_folder(tmp_path, tokenizer_path):
+    from preprocess_corpus import write_parquet
+
+    from megafusion.preprocess import PreprocessError, PreprocessOptions, run_preprocess
+
+    empty = write_parquet(str(tmp_path / "empty.parquet"), [], row_group_size=4)
+    common = dict(encoder_config={"resolution": 8}, min_image_size=8, seq_length=64, progress=False)
+    out = tmp_path / "out"
+    with pytest.raises(PreprocessError, match="no records to preprocess"):
+        run_preprocess(PreprocessOptions(inputs=[empty], output=str(out), tokenizer=tokenizer_path, **common))
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        run_preprocess(PreprocessOptions(inputs=[empty], output=str(out), tokenizer=str(tmp_path / "missing.model"),
+                                         **common))
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("the user's")
+    with pytest.raises(PreprocessError):
+        run_preprocess(PreprocessOptions(inputs=[empty], output=str(existing), tokenizer=tokenizer_path, **common))
+    assert (existing / "notes.txt").read_text() == "the user's", "a folder the run did not create is kept"

@@ -88,6 +88,7 @@ def test_roundtrip_parquet_and_jsonl(tmp_path, tokenizer_path, encoder, latent_d
     for name, entry in manifest["files"].items():
         assert os.path.getsize(os.path.join(out, name)) == entry["bytes"]
     assert not os.path.exists(os.path.join(out, "shards"))
+    assert manifest["files"]["tokens.bin"]["max_id"] == max(max(ids) for ids, _ in expected)
     tol = 0 if latent_dtype == "float32" else (1e-2 if latent_dtype == "bfloat16" else 1e-3)
     for doc, (ids, lat) in enumerate(expected):
         lo, hi = tokens.document_indices[doc], tokens.document_indices[doc + 1]
