@@ -24,18 +24,24 @@ Optimizer state formats (recorded in train_state.pt, checked before anything is 
 
 DistributedOptimizer on torch's Adam (no Apex / Transformer Engine) needs three megatron-core 0.16.1 adaptations,
 active only then: _prepare_fresh_distributed_optimizer, _step_tolerant_param_state_load, _unshare_adam_steps.
+
+Writer processes: megatron's torch_dist save forks writer processes at every save; `save_sharded` ties them to
+this process (they die with it, even under kill -9: utils/processes.py) and replaces the spawned multiprocessing
+Manager megatron would start once to collect their results by an in-process queue (_results_in_process).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
 
 from megafusion.checkpoint.train_state import ParallelLayout
+from megafusion.utils.processes import tie_forked_children
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +286,22 @@ def save_sharded(folder: Path, model_chunks, optimizer=None,
     if optimizer is not None:
         _prepare_fresh_distributed_optimizer(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, fmt, is_loading=False)
+    tie_forked_children()
+    _results_in_process()
     dist_checkpointing.save(state, str(folder), content_metadata={"megafusion_optimizer_format": fmt})
     return fmt
+
+
+def _results_in_process() -> None:
+    """megatron-core 0.16.1's FileSystemWriterAsync collects its writers' results in a queue it creates once per
+    process through a *spawned* multiprocessing Manager: a server process (a fresh interpreter importing the main
+    module, ~300 MB) that lives as long as the trainer and is orphaned when the trainer is killed. megafusion saves
+    synchronously: the writers report through their own fork-context queues to the saving process, which is also
+    the one that reads the collected results, so a plain in-process queue does the same with no extra process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def load_sharded(folder: Path, model_chunks, optimizer=None, optimizer_fmt: Optional[str] = None,

@@ -270,12 +270,19 @@ class ParallelConfig:
     """Shard optimizer state across data-parallel ranks."""
     overlap_grad_reduce: bool = False
     """Overlap gradient all-reduce with backward (GPU)."""
+    timeout_minutes: Optional[float] = None
+    """How long a rank waits for its peers in a collective (and at the rendezvous) before it fails: the bound on
+    the time a rank whose peer died or froze can hang. null: 5 on gloo (CPU), 10 on NCCL (with NCCL's async error
+    handling, whose watchdog aborts the process). Raise it when a rank legitimately waits longer (a slow shared
+    file system at a checkpoint save)."""
 
     def __post_init__(self):
         s = "parallel"
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             _check(getattr(self, name) >= 1, f"{s}.{name} must be >= 1")
         _choice(s, "distributed_backend", self.distributed_backend, ("auto", "nccl", "gloo"))
+        _check(self.timeout_minutes is None or self.timeout_minutes > 0,
+               f"{s}.timeout_minutes={self.timeout_minutes} must be > 0 (or null for the backend's default)")
 
 
 @dataclass

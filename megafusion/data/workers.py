@@ -7,6 +7,11 @@ its pipe. The caller takes the batches from the workers' pipes in turn, which is
 of their slots (`lease`); a slot is written again once the caller has dropped every tensor of its batch. Per batch
 the training process thus unpickles a small table and wraps a few views, nothing else.
 
+Lifetime: a worker never outlives its caller. It dies with it (PR_SET_PDEATHSIG, utils/processes.py), and also
+returns when a poll of its parent pid (every POLL_S while it waits for credits) finds it re-parented, or when the
+caller's end of its pipe is gone. Stop signals (SIGINT, SIGTERM, SIGUSR1) are the caller's to act on: a worker
+ignores them, so a graceful stop can still take the batches of its last step; `close()` kills the workers.
+
 Flow control: a worker builds at most PREFETCH batches ahead of the caller (a semaphore the caller releases as it
 takes one) and owns PREFETCH + HELD / W slots; while the caller holds more of its batches than that, its next
 batch travels through the pipe by value instead. In every Batch handed out, noisy_latents is latents (collate.py).
@@ -15,6 +20,7 @@ batch travels through the pipe by value instead. In every Batch handed out, nois
 from __future__ import annotations
 
 import multiprocessing
+import os
 import weakref
 
 import torch
@@ -24,9 +30,11 @@ from megafusion.data.batch import Batch
 from megafusion.data.batch_ring import BatchRing
 from megafusion.data.collate import batch_from_fields
 from megafusion.data.sampler import MicroBatchSampler
+from megafusion.utils.processes import become_helper, parent_alive
 
 PREFETCH = 4  # batches a worker builds ahead of the caller
 HELD = 12  # batches the caller may hold (all workers together) before batches travel by value
+POLL_S = 1.0  # how often a waiting worker checks that its caller is still alive (where PDEATHSIG is missing)
 
 
 class WorkerPool:
@@ -43,7 +51,7 @@ class WorkerPool:
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_work, daemon=True,
                                args=(w, num_workers, dataset, source, sampler, self.ring, w * per_worker,
-                                     per_worker, credits, send))
+                                     per_worker, credits, send, os.getpid()))
             proc.start()
             send.close()  # the worker holds the only write end: its exit ends the pipe
             self._credits.append(credits)
@@ -72,12 +80,15 @@ class WorkerPool:
 
 
 def _work(w: int, num_workers: int, dataset, source, sampler: MicroBatchSampler, ring: BatchRing, first_slot: int,
-          slots: int, credits, conn) -> None:
+          slots: int, credits, conn, parent_pid: int) -> None:
+    become_helper(parent_pid)
     torch.set_num_threads(1)
     step = sampler.consumed_samples // sampler.samples_per_micro_step + w
     try:
         while True:
-            credits.acquire()
+            while not credits.acquire(timeout=POLL_S):
+                if not parent_alive(parent_pid):
+                    return  # orphaned (no PDEATHSIG here): nobody will take this batch
             plans = [source.plan(i) for i in sampler.indices(step)]
             slot = ring.take(first_slot, slots)
             if slot < 0:
@@ -87,15 +98,18 @@ def _work(w: int, num_workers: int, dataset, source, sampler: MicroBatchSampler,
                 dataset.fields(plans, writer)
                 conn.send((slot, writer.table))
             step += num_workers
-    except KeyboardInterrupt:  # the caller gets it too
+    except (BrokenPipeError, ConnectionResetError):  # the caller closed its end: it is done or gone
         pass
     except Exception:
-        conn.send(ExceptionWrapper(where=f"in data loader worker {w}"))
+        try:
+            conn.send(ExceptionWrapper(where=f"in data loader worker {w}"))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
 
 def _stop(procs) -> None:
+    for proc in procs:  # SIGKILL: workers ignore the stop signals and hold nothing worth flushing
+        proc.kill()
     for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.join()
+        proc.join(timeout=10)
 

@@ -3,6 +3,7 @@
   initialize.py   initialize_parallel(parallel_cfg, seed) -> ParallelInfo; destroy_parallel()
   cpu_compat.py   the only place that adapts megatron-core 0.16.1 to a CPU-only machine (enable_cpu_compat)
   wrapping.py     wrap_model(model_provider, cfg) -> model chunks in megatron DistributedDataParallel
+  liveness.py     peer heartbeats; a collective failing on a dead peer -> PeerLostError naming rank and step
 
 Typical use (the optimizer lives in megafusion.training.optimizer):
 

@@ -8,6 +8,12 @@ Backend `auto` is nccl when CUDA is available, gloo otherwise. On CPU, megafusio
 first, so the megatron-core machinery below runs unchanged. megatron's parallel_state.initialize_model_parallel
 builds the TP/PP/(virtual PP)/EP/DP groups; seeding goes through megatron's
 tensor_parallel.model_parallel_cuda_manual_seed (on CPU its RNG tracker is cpu_compat's CPU tracker).
+
+Faults: every group (the default one and megatron's) waits `parallel.timeout_minutes` for a peer before its
+collective fails (`resolve_timeout_minutes`: 5 on gloo, 10 on NCCL by default), so a rank whose peer froze or
+died never hangs longer; on NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (unless set) lets the watchdog abort the
+process at the timeout. A multi-rank job also starts a heartbeat (liveness.py) that names a missing peer, and
+ties this process's forked helpers (loader workers, checkpoint writers) to its lifetime (utils/processes.py).
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import torch.distributed as dist
 
 from megafusion.config.schema import ParallelConfig
 from megafusion.parallel.cpu_compat import enable_cpu_compat, fill_missing_te_names
+from megafusion.parallel.liveness import start_monitor, stop_monitor
+from megafusion.utils.processes import tie_forked_children
 
 _OWNS_PROCESS_GROUP = False
+DEFAULT_TIMEOUT_MINUTES = {"gloo": 5.0, "nccl": 10.0}
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,27 @@ def check_layout(parallel_cfg: ParallelConfig, world_size: int) -> int:
     return dp
 
 
-def _init_process_group(backend: str, timeout_minutes: int) -> None:
+def resolve_timeout_minutes(parallel_cfg: ParallelConfig, backend: str) -> float:
+    """parallel.timeout_minutes, or the backend's default (gloo 5, nccl 10) when it is null."""
+    if parallel_cfg.timeout_minutes is not None:
+        return float(parallel_cfg.timeout_minutes)
+    return DEFAULT_TIMEOUT_MINUTES[backend]
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a small tensor for a collective over `group` must live (NCCL needs the current GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _init_process_group(backend: str, timeout_minutes: float) -> None:
     global _OWNS_PROCESS_GROUP
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if dist.is_initialized():
         return
+    if backend == "nccl":  # the watchdog aborts a rank stuck past the timeout instead of leaving it hanging
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:  # a plain single process: in-memory store, nothing to rendezvous with
@@ -111,7 +136,10 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def initialize_parallel(parallel_cfg: ParallelConfig, seed: int, timeout_minutes: int = 30) -> ParallelInfo:
+def initialize_parallel(parallel_cfg: ParallelConfig, seed: int,
+                        timeout_minutes: Optional[float] = None) -> ParallelInfo:
+    """Process groups for `parallel_cfg`; `timeout_minutes` overrides parallel.timeout_minutes (for the groups
+    created here: an existing default group keeps its own timeout)."""
     from megatron.core import parallel_state as ps
 
     on_gpu = torch.cuda.is_available()
@@ -120,10 +148,14 @@ def initialize_parallel(parallel_cfg: ParallelConfig, seed: int, timeout_minutes
     fill_missing_te_names()
     if on_gpu and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    _init_process_group(resolve_backend(parallel_cfg.distributed_backend), timeout_minutes)
+    backend = resolve_backend(parallel_cfg.distributed_backend)
+    if timeout_minutes is None:
+        timeout_minutes = resolve_timeout_minutes(parallel_cfg, backend)
+    _init_process_group(backend, timeout_minutes)
     backend = dist.get_backend()
     world = dist.get_world_size()
     check_layout(parallel_cfg, world)
+    tie_forked_children()
     p = parallel_cfg
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -135,6 +167,7 @@ def initialize_parallel(parallel_cfg: ParallelConfig, seed: int, timeout_minutes
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
+    start_monitor(dist.get_rank(), world)
     return ParallelInfo(
         rank=dist.get_rank(),
         world_size=world,
@@ -157,6 +190,7 @@ def destroy_parallel() -> None:
     global _OWNS_PROCESS_GROUP
     from megatron.core import parallel_state as ps
 
+    stop_monitor()
     ps.destroy_model_parallel()
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()

@@ -29,6 +29,7 @@ from megafusion.data.loader import build_data_iterators
 from megafusion.model import build_transformer_config, model_provider
 from megafusion.objectives import build_loss_weighting, reduce_for_weighting
 from megafusion.parallel.initialize import ParallelInfo, destroy_parallel, initialize_parallel
+from megafusion.parallel.liveness import name_lost_peers
 from megafusion.parallel.wrapping import use_bf16, wrap_model
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
 from megafusion.training.forward_step import average_reports, make_forward_step, noisy_microbatches
@@ -63,7 +64,10 @@ def train(cfg: Config) -> List[Dict[str, float]]:
         ensure_writable_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir")
     info = initialize_parallel(cfg.parallel, cfg.training.seed)
     try:
-        return Trainer(cfg, info).run()
+        trainer = None  # a collective failing on a lost peer -> PeerLostError naming it and the step (liveness.py)
+        with name_lost_peers(lambda: trainer.state.step if trainer is not None else None):
+            trainer = Trainer(cfg, info)
+            return trainer.run()
     finally:
         destroy_parallel()
 
