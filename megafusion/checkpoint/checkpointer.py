@@ -10,12 +10,15 @@
 
 Both are collective: every rank of the world group calls them at the same step.
 
-save_checkpoint: refuses (CheckpointRefused) when the NaN guard's last verdict was bad or any rank's weights are
-not finite; stages `<save_dir>/tmp.iter_XXXXXXX`; writes model + optimizer through megatron dist_checkpointing
-(torch_dist), every rank's RNG states, and (rank 0) train_state.pt + config.yaml; then publishes atomically
-(checkpoint/publish.py: barrier, marker, fsync, rename, `latest`, keep-last-K).
+save_checkpoint: refuses (CheckpointRefused) when the NaN guard forbids it (a bad step under nan_policy=halt; a
+step skipped under nan_policy=skip is saved: its state is the last good one) or any rank's weights are not finite;
+stages `<save_dir>/tmp.iter_XXXXXXX`; writes model + optimizer through megatron dist_checkpointing (torch_dist),
+every rank's RNG states, and (rank 0) train_state.pt + config.yaml; then publishes atomically (checkpoint/publish.py:
+barrier, marker with file sizes, fsync, rename, `latest`, keep-last-K).
 
-load_checkpoint: reads train_state.pt first and checks, before touching any tensor, that the optimizer state can
+load_checkpoint: first checks every file against the sizes the completion marker recorded (CorruptCheckpointError
+naming the bad file and the previous complete checkpoint to load instead; agreed over ranks, nothing is read from a
+corrupt folder); then reads train_state.pt and checks, before touching any tensor, that the optimizer state can
 be resharded into the current layout (CheckpointLayoutError naming both layouts and checkpoint.load_optimizer
 otherwise); then loads model weights (resharded by dist_checkpointing to the current TP/PP/EP/VP), optimizer
 state (unless load_optimizer=False, which is logged), scheduler and loss-weighting state_dicts, and this rank's
@@ -37,13 +40,15 @@ import torch.distributed as dist
 
 from megafusion.checkpoint import dist_io, publish
 from megafusion.checkpoint.dist_io import CheckpointLayoutError  # noqa: F401  (re-exported)
+from megafusion.checkpoint.publish import CorruptCheckpointError  # noqa: F401  (re-exported)
 from megafusion.checkpoint.train_state import (ParallelLayout, TrainState, load_rng, read_train_state,
                                                write_rng, write_train_state)
+from megafusion.errors import RunError
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointRefused(RuntimeError):
+class CheckpointRefused(RunError):
     """A checkpoint was requested for a state that must not be saved (after a bad step, non-finite weights)."""
 
 
@@ -149,12 +154,15 @@ def load_checkpoint(path, model_chunks, optimizer=None, *, scheduler=None, loss_
     if not publish.is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {publish.COMPLETE_MARKER}); partial "
                                 f"checkpoints are never loaded")
+    verify_files(path)
     saved = read_train_state(path)
     current = layout or ParallelLayout.current()
     want_optimizer = optimizer is not None and load_optimizer
-    if want_optimizer and saved.optimizer_format is None and saved.train_state.step == 0:
-        # a seed checkpoint saved without optimizer before any update: a fresh optimizer is its exact state
-        logger.info("checkpoint %s (step 0) holds no optimizer state; the optimizer starts fresh", path)
+    updates = saved.train_state.step - saved.train_state.skipped_steps
+    if want_optimizer and saved.optimizer_format is None and updates == 0:
+        # saved before any update (a seed checkpoint, or only skipped steps): a fresh optimizer is its exact state
+        logger.info("checkpoint %s (step %d, no update applied yet) holds no optimizer state; the optimizer starts "
+                    "fresh", path, saved.train_state.step)
         want_optimizer = False
     elif want_optimizer:
         if saved.optimizer_format is None:
@@ -176,6 +184,15 @@ def load_checkpoint(path, model_chunks, optimizer=None, *, scheduler=None, loss_
     return LoadedCheckpoint(path=path, train_state=saved.train_state, data_state=saved.data,
                             saved_layout=saved.layout, config_yaml=saved.config_yaml,
                             optimizer_loaded=want_optimizer, rng_restored=rng_restored)
+
+
+def verify_files(path: Path) -> None:
+    """Collective: raise CorruptCheckpointError on every rank when any rank finds a file of `path` missing or not
+    of the size its completion marker recorded (publish.check_files)."""
+    problem = publish.check_files(path)
+    if _any_rank(problem is not None):
+        raise CorruptCheckpointError(publish.corrupt_message(
+            path, problem or "another rank found a file missing or of the wrong size (see rank 0's error)"))
 
 
 def resume(cfg, save_dir, model_chunks, optimizer=None, *, scheduler=None, loss_weighting=None,

@@ -9,15 +9,26 @@ The on-disk protocol (all paths under the checkpoint root `save_dir`):
 Save (`stage` then `publish`, called on every rank of the world group):
   1. stage: rank 0 removes stale `tmp.*` folders left by a crashed save, creates a fresh staging folder; barrier.
   2. every rank writes its files into the staging folder.
-  3. publish: barrier (every rank finished writing); rank 0 writes the completion marker, fsyncs every file and
-     folder of the staging tree, renames it atomically to `iter_XXXXXXX`, fsyncs the root, then writes `latest`
-     (temp file + fsync + rename) last; only then are published folders beyond `keep_last` deleted, oldest
-     first; barrier.
+  3. publish: barrier (every rank finished writing); rank 0 writes the completion marker (which records the size
+     of every file in the folder), fsyncs every file and folder of the staging tree, renames it atomically to
+     `iter_XXXXXXX`, fsyncs the root, then writes `latest` (temp file + fsync + rename) last; only then are
+     published folders beyond the newest `keep_last` (in publication order) deleted, never the one just written
+     nor the one `latest` names; barrier.
 
 A crash (or kill -9) at any point leaves either the previous `latest` and its folder intact, or the new one
 complete. Discovery never returns a `tmp.*` folder or a folder without its marker: `resolve_load_dir("auto")`
 reads `latest`, and falls back to the newest complete `iter_*` when `latest` is missing or points to something
 incomplete (a crash between the rename and the `latest` write).
+
+Integrity: `check_files(path)` compares every file the marker lists with its recorded size (a truncated or
+missing shard, a file replaced after publication), without reading any tensor; `CorruptCheckpointError` names the
+bad file and `previous_complete` the checkpoint to load instead. Markers written before sizes were recorded have
+no "files" entry and are not checked. Sizes are taken by rank 0 after the barrier, so `save_dir` must be a file
+system where a file closed by one node shows its full size to another (any POSIX or NFS close-to-open mount).
+
+keep_last counts checkpoints in publication order (the marker's time, then the step), so an older run's higher
+iteration numbers (a run restarted with checkpoint.overwrite=true, or resumed from an earlier checkpoint) are the
+ones removed first, and the checkpoint just published is never removed.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megafusion.errors import RunError
 from megafusion.utils.files import fsync_dir, fsync_tree, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -42,6 +54,11 @@ TMP_PREFIX = "tmp."
 LATEST_FILE = "latest"
 COMPLETE_MARKER = "megafusion_complete.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
+FILES_KEY = "files"
+
+
+class CorruptCheckpointError(RunError):
+    """A published checkpoint whose files do not match the sizes its completion marker recorded."""
 
 
 def iter_dirname(step: int) -> str:
@@ -70,6 +87,69 @@ def is_complete(path: Path) -> bool:
 def read_marker(path: Path) -> dict:
     with open(Path(path) / COMPLETE_MARKER) as f:
         return json.load(f)
+
+
+def publication_order(save_dir: Path) -> List[Path]:
+    """Complete checkpoints under `save_dir`, oldest publication first (the marker's time, then the step)."""
+    keyed = []
+    for step, path in list_published(save_dir):
+        try:
+            when = float(read_marker(path).get("published_unix_time", 0.0))
+        except (OSError, ValueError):  # unreadable marker: order it by its folder's time
+            when = path.stat().st_mtime
+        keyed.append((when, step, path))
+    return [path for _, _, path in sorted(keyed)]
+
+
+def record_files(folder: Path) -> dict:
+    """{relative path: size in bytes} of every file under `folder` except the marker (stored in the marker)."""
+    folder = Path(folder)
+    sizes = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            full = Path(dirpath) / name
+            rel = full.relative_to(folder).as_posix()
+            if rel != COMPLETE_MARKER:
+                sizes[rel] = full.stat().st_size
+    return dict(sorted(sizes.items()))
+
+
+def check_files(path: Path) -> Optional[str]:
+    """None when every file the marker lists has its recorded size (or the marker lists none: an older
+    checkpoint); otherwise a description of the first bad file (missing, or its size and the recorded one)."""
+    path = Path(path)
+    try:
+        recorded = read_marker(path).get(FILES_KEY)
+    except (OSError, ValueError) as e:
+        return f"its completion marker {path / COMPLETE_MARKER} cannot be read ({e})"
+    for rel, size in (recorded or {}).items():
+        full = path / rel
+        try:
+            actual = full.stat().st_size
+        except FileNotFoundError:
+            return f"{full} is missing"
+        if actual != size:
+            return f"{full} has {actual} bytes, {size} were written (truncated or overwritten after the save)"
+    return None
+
+
+def previous_complete(path: Path) -> Optional[Path]:
+    """The newest other published checkpoint next to `path` whose files check out (None when there is none)."""
+    path = Path(path)
+    candidates = [p for p in publication_order(path.parent) if p.name != path.name]
+    for candidate in reversed(candidates):
+        if check_files(candidate) is None:
+            return candidate
+    return None
+
+
+def corrupt_message(path: Path, problem: str) -> str:
+    """The error for a checkpoint that failed check_files: the bad file and what to load instead."""
+    previous = previous_complete(path)
+    instead = (f"load the previous complete checkpoint with checkpoint.load={previous}" if previous is not None else
+               f"no other complete checkpoint is next to it; start fresh with checkpoint.load=none")
+    return (f"checkpoint {path} is corrupt: {problem}. It was not loaded; {instead} (or restore the file from a "
+            f"backup)")
 
 
 def list_published(save_dir: Path) -> List[Tuple[int, Path]]:
@@ -164,7 +244,7 @@ def publish(save_dir: Path, step: int, keep_last: int, marker: dict) -> Path:
     if _rank() == 0:
         if not staging.is_dir():
             raise FileNotFoundError(f"staging folder {staging} is missing: call checkpoint.publish.stage first")
-        body = dict(marker, step=step, published_unix_time=time.time())
+        body = dict(marker, step=step, published_unix_time=time.time(), **{FILES_KEY: record_files(staging)})
         with open(staging / COMPLETE_MARKER, "w") as f:
             json.dump(body, f, indent=2, sort_keys=True)
         fsync_tree(staging)
@@ -176,20 +256,21 @@ def publish(save_dir: Path, step: int, keep_last: int, marker: dict) -> Path:
         fsync_dir(save_dir)
         write_atomic(save_dir / LATEST_FILE, name + "\n")
         shutil.rmtree(save_dir / f"{TMP_PREFIX}replaced.{name}", ignore_errors=True)
-        prune(save_dir, keep_last)
+        prune(save_dir, keep_last, just_written=final)
     _barrier()
     return final
 
 
-def prune(save_dir: Path, keep_last: int) -> List[Path]:
-    """Delete published checkpoints beyond the newest `keep_last` (never the one `latest` names)."""
-    published = list_published(save_dir)
-    keep = {p for _, p in published[-keep_last:]}
-    current = read_latest(save_dir)
-    if current is not None:
-        keep.add(current)
+def prune(save_dir: Path, keep_last: int, just_written: Optional[Path] = None) -> List[Path]:
+    """Delete published checkpoints beyond the newest `keep_last` in publication order; never `just_written` nor
+    the one `latest` names."""
+    published = publication_order(save_dir)
+    keep = set(published[-keep_last:])
+    for never in (just_written, read_latest(save_dir)):
+        if never is not None:
+            keep.add(Path(never))
     removed = []
-    for _, path in published:
+    for path in published:
         if path not in keep:
             # rename first: a crash mid-delete leaves a tmp.* folder (cleaned by the next save), never a
             # half-deleted iter_* folder that still carries its completion marker

@@ -374,6 +374,9 @@ class CheckpointConfig:
     """Published checkpoints kept; older ones are removed."""
     load: str = "auto"
     """auto (resume from save_dir's latest if any) | none | a checkpoint folder."""
+    overwrite: bool = False
+    """Allow checkpoint.load=none (a fresh run) into a save_dir that already holds another run's checkpoints; they
+    stay until this run's checkpoints replace them (keep_last). Without it such a start is refused."""
     save_at_end: bool = True
     """Save once more when training ends."""
     load_optimizer: bool = True
@@ -382,6 +385,7 @@ class CheckpointConfig:
 
     def __post_init__(self):
         _check(isinstance(self.load_optimizer, bool), "checkpoint.load_optimizer must be true or false")
+        _check(isinstance(self.overwrite, bool), "checkpoint.overwrite must be true or false")
         _check(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
 

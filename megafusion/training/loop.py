@@ -1,8 +1,15 @@
 """`megafusion train`: the explicit training loop, readable top to bottom.
 
-    setup:  parallel groups -> model chunks (DDP) -> optimizer + LR schedule -> loss weighting -> resume -> data
+    setup:  parallel groups -> claim the run folder (training/run_folder.py: one live run per training.run_dir; a
+            fresh run never starts over another run's checkpoints) -> model chunks (DDP) -> optimizer + LR schedule
+            -> loss weighting -> resume -> data -> metrics (steps after the resumed one dropped)
     step:   micro-batches (noised) -> forward_backward_func -> NaN guard -> clip + update -> LR + EMA -> log
             -> maybe evaluate -> maybe checkpoint -> agreed stop on SIGTERM/SIGUSR1 or the wall-clock budget
+
+A save that falls due on a step the NaN guard skipped (nan_policy=skip) is taken: the weights, optimizer, LR
+schedule and loss-weighting EMA are the last good step's, saved under the current step with the data position past
+the bad batch (see nan_guard.py). A save that cannot be taken (weights hold NaN/Inf) ends the run with
+CheckpointRefused, a non-zero exit. The log reports a save only after it is published.
 
 Every rank runs the same loop; logged values are reduced over data-parallel ranks and taken from the last
 pipeline stage, so every rank holds the same numbers (the adaptive-weighting EMA relies on it).
@@ -37,6 +44,7 @@ from megafusion.training.metrics import MetricsWriter, format_line, resolve_peak
 from megafusion.training.moe_metrics import MoEAuxLossMeter
 from megafusion.training.nan_guard import NanGuard
 from megafusion.training.optimizer import build_lr_scheduler, build_optimizer
+from megafusion.training.run_folder import claim_run_folder
 from megafusion.training.signals import StopSignal
 from megafusion.utils.files import ensure_writable_dir
 
@@ -63,12 +71,16 @@ def train(cfg: Config) -> List[Dict[str, float]]:
     if cfg.checkpoint.save_dir:
         ensure_writable_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir")
     info = initialize_parallel(cfg.parallel, cfg.training.seed)
+    lock = None
     try:
+        lock = claim_run_folder(cfg, checkpoint_root(cfg))
         trainer = None  # a collective failing on a lost peer -> PeerLostError naming it and the step (liveness.py)
         with name_lost_peers(lambda: trainer.state.step if trainer is not None else None):
             trainer = Trainer(cfg, info)
             return trainer.run()
     finally:
+        if lock is not None:
+            lock.release()
         destroy_parallel()
 
 
@@ -111,7 +123,10 @@ class Trainer:
         self.forward_step = make_forward_step(self.weighting)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else None
         self.is_logger = info.rank == 0
-        self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard)
+        self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard, resume_step=self.state.step)
+        if self.metrics.dropped:
+            logger.info("metrics.jsonl: dropped %d line(s) after step %d, logged by an earlier run that this run "
+                        "redoes", self.metrics.dropped, self.state.step)
         self.peak_flops = resolve_peak_flops(cfg.logging.peak_flops)
         if self.is_logger:
             os.makedirs(t.run_dir, exist_ok=True)
@@ -197,15 +212,21 @@ class Trainer:
             chunk.train()
         return self._global(reports)["loss"]
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Save the current state unless this step is already saved; True when a checkpoint was written. Raises
+        CheckpointRefused (every rank) when it cannot be saved."""
         if self.last_saved_step == self.state.step:
-            return
-        self.last_saved_step = self.state.step
-        # Before the first update the optimizer has no state to save (a seed checkpoint holds weights only).
-        optimizer = self.optimizer if self.state.step > 0 else None
+            return False
+        # Before the first applied update (a seed checkpoint, or only skipped steps) the optimizer has no state.
+        optimizer = self.optimizer if self.state.step > self.state.skipped_steps else None
         save_checkpoint(self.save_dir, self.state, self.model, optimizer, scheduler=self.scheduler,
                         loss_weighting=self.weighting, data_state=self.train_iter.state_dict(),
                         config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last, nan_guard=self.guard)
+        self.last_saved_step = self.state.step
+        if not self.guard.last_ok and self.is_logger:
+            logger.info("step %d was skipped by the NaN guard: its checkpoint holds the last good step's weights "
+                        "and optimizer state, with the data position past the bad batch", self.state.step)
+        return True
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> List[Dict[str, float]]:
@@ -230,21 +251,21 @@ class Trainer:
                 if (step % cfg.logging.log_interval == 0 or last) and self.is_logger:  # the final step always
                     self.metrics.write(step, values)
                     logger.info(format_line(step, self.total_steps, values))
-                if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and self.guard.last_ok:
+                if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                     self.save()
                 planned_exit = bool(cfg.training.exit_interval) and step % cfg.training.exit_interval == 0
                 timed_out = deadline is not None and time.monotonic() > deadline
                 if timed_out:
                     stop.request()  # agreed over ranks by should_stop, like a signal
                 if stop.should_stop() or planned_exit:
+                    saved = self.save()
                     if self.is_logger:
                         reason = ("training.exit_interval" if planned_exit else
                                   "training.exit_duration_minutes" if timed_out else "a signal")
-                        logger.info("stop requested by %s: saving at step %d and exiting", reason, step)
-                    if self.guard.last_ok:
-                        self.save()
+                        logger.info("stop requested by %s at step %d: %s; exiting", reason, step,
+                                    "checkpoint saved" if saved else "this step's checkpoint was already saved")
                     return records
-            if cfg.checkpoint.save_at_end and self.guard.last_ok:
+            if cfg.checkpoint.save_at_end:
                 self.save()  # with training.train_steps=0 this writes the initial (seed) checkpoint
             return records
         finally:

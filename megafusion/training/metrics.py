@@ -3,6 +3,11 @@
 Only rank 0 writes. MFU = achieved model FLOP/s per device / peak FLOP/s per device, where the peak is
 logging.peak_flops if set, else H100 bf16 dense (989 TFLOP/s) on GPU, else a GEMM measured once at start-up on
 CPU (so CPU MFU says how close the step comes to this machine's own matmul speed).
+
+Each step appears once, across restarts: a run that resumes from step S (a fresh run: S = 0) first drops the
+lines of metrics.jsonl with step > S (steps the previous run logged after its last checkpoint, which this run is
+about to redo; the file is rewritten atomically, and a line cut short by a crash goes with them), and opens
+TensorBoard with purge_step=S+1, so TensorBoard hides the older events from step S+1 on.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import time
 from typing import Dict, Optional
 
 import torch
+
+from megafusion.utils.files import write_atomic
 
 H100_BF16_DENSE_FLOPS = 989e12
 
@@ -44,20 +51,47 @@ def resolve_peak_flops(configured: Optional[float]) -> float:
     return measure_gemm_peak()
 
 
+def drop_steps_after(path: str, step: int) -> int:
+    """Rewrite the JSON-lines file `path` (atomically) without the records whose "step" is > `step`, and without
+    lines that do not parse (a record cut short by a crash); returns how many lines were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= step
+            except (ValueError, TypeError, AttributeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        write_atomic(path, "".join(kept))
+    return dropped
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
+    """Rank 0's metrics.jsonl and TensorBoard writer; `resume_step` is the step the run starts from."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
+        self.dropped = 0
+        """Lines of an earlier run's metrics.jsonl dropped because this run redoes (or replaces) their steps."""
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        self.dropped = drop_steps_after(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
             except ImportError as e:  # tensorboard is a declared dependency; say so if it is missing
                 raise ImportError("logging.tensorboard=true needs `pip install tensorboard` (or set it false)") from e
 

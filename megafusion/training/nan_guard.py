@@ -6,7 +6,7 @@
         optimizer.prepare_grads()                           # megatron: main grads ready, nothing applied yet
         grad_norm = optimizer.get_grad_norm()               # before any update
         if not guard.check(step, losses, grad_norm):        # collective; raises NonFiniteError under "halt"
-            continue                                        # skipped: no update, no EMA / scheduler step, no save
+            continue                                        # skipped: no update, no EMA / scheduler step
         optimizer.step()                                    # clips and applies the update
         ... scheduler.step(); weighting.update(...); maybe save_checkpoint(..., nan_guard=guard)
 
@@ -22,8 +22,15 @@ Policies:
         bad batch is consumed, not replayed). Counted in `guard.skipped` and logged on rank 0.
   halt  NonFiniteError naming the step, the rank(s) and the loss term(s) (or grad_norm), raised on every rank.
 
-No checkpoint may be written after a bad step: `guard.assert_checkpoint_allowed(step)` raises CheckpointRefused
-unless the last checked step was finite; megafusion.checkpoint.save_checkpoint(..., nan_guard=guard) calls it.
+Checkpoints after a bad step (`guard.assert_checkpoint_allowed(step)`, which
+megafusion.checkpoint.save_checkpoint(..., nan_guard=guard) calls):
+  skip  allowed. A skipped step changes no weight, optimizer moment, LR-schedule position or loss-weighting EMA, so
+        the state saved is exactly the last good step's, with the counters of the step just taken (step,
+        skipped_steps) and the data position past the bad batch: a resume continues exactly as the run would have,
+        and never replays the bad batch. A save that is due on a skipped step (save_interval, exit_interval, a stop
+        signal, the end of training) is therefore taken, not lost. save_checkpoint still refuses when any rank's
+        weights hold NaN/Inf.
+  halt  CheckpointRefused: the run stops at the bad step, and nothing may be saved for it.
 """
 
 from __future__ import annotations
@@ -139,11 +146,15 @@ class NanGuard:
         return False
 
     def assert_checkpoint_allowed(self, step: int) -> None:
-        """Raise CheckpointRefused when the most recent checked step was not finite."""
-        if self.last_ok:
+        """Raise CheckpointRefused when the most recent checked step was not finite under nan_policy=halt.
+
+        Under skip the bad step's update was not applied, so the state is the last good one and may be saved (the
+        weights are checked for NaN/Inf by save_checkpoint itself)."""
+        if self.last_ok or self.policy == "skip":
             return
         from megafusion.checkpoint.checkpointer import CheckpointRefused
 
         raise CheckpointRefused(
             f"not saving a checkpoint at step {step}: step {self.last_step} had non-finite values "
-            f"({self.last_check.describe() if self.last_check else '?'}); save after the next finite step")
+            f"({self.last_check.describe() if self.last_check else '?'}) and training.nan_policy=halt stops there; "
+            f"resume from the last checkpoint, or use training.nan_policy=skip to skip such steps and keep saving")

@@ -121,7 +121,8 @@ def test_nan_on_one_rank(tmp_path, policy):
             sums = res["checksums"]
             assert sums[1] == sums[0], "a skipped step must leave the weights unchanged"
             assert sums[2] != sums[1]
-        assert "iter_0000002" not in published and "iter_0000003" in published
+        # the save due on the skipped step 2 is taken (the last good state, data position past the bad batch)
+        assert published == ["iter_0000002", "iter_0000003"]
     else:
         for res in results:
             assert "step 2" in res["error"] and "rank(s)" in res["error"] and "loss_fm" in res["error"]
