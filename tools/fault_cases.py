@@ -269,7 +269,7 @@ def unwritable(run: Run) -> Seen:
 def full_disk(run: Run) -> Seen:
     mount = run.path("tmpfs")
     os.makedirs(mount)
-    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=2200k", "tmpfs", mount],
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=4500k", "tmpfs", mount],
                        stderr=subprocess.DEVNULL) != 0:
         return Seen(True, "skipped: mounting a tmpfs needs root")
     try:

@@ -14,7 +14,8 @@ save_checkpoint: refuses (CheckpointRefused) when the NaN guard forbids it (a ba
 step skipped under nan_policy=skip is saved: its state is the last good one) or any rank's weights are not finite;
 stages `<save_dir>/tmp.iter_XXXXXXX`; writes model + optimizer through megatron dist_checkpointing (torch_dist),
 every rank's RNG states, and (rank 0) train_state.pt + config.yaml; then publishes atomically (checkpoint/publish.py:
-barrier, marker with file sizes, fsync, rename, `latest`, keep-last-K).
+barrier, marker with file sizes, fsync, rename, `latest`, keep-last-K). A save that runs out of space removes its
+staging folder and raises CheckpointWriteError naming the folder; `latest` stays the previous checkpoint.
 
 load_checkpoint: first checks every file against the sizes the completion marker recorded (CorruptCheckpointError
 naming the bad file and the previous complete checkpoint to load instead; agreed over ranks, nothing is read from a
@@ -30,13 +31,16 @@ OptimizerParamScheduler, megafusion's adaptive loss weighting). The data state i
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megafusion.checkpoint import dist_io, publish
 from megafusion.checkpoint.dist_io import CheckpointLayoutError  # noqa: F401  (re-exported)
@@ -46,6 +50,13 @@ from megafusion.checkpoint.train_state import (ParallelLayout, TrainState, load_
 from megafusion.errors import RunError
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RunError):
+    """A save failed for lack of space; the partial save is removed and the previous checkpoint stays `latest`."""
+
+
+FULL_DISK_BYTES = 16 << 20  # a save that failed with less free space than this ran out of it
 
 
 class CheckpointRefused(RunError):
@@ -117,20 +128,45 @@ def save_checkpoint(save_dir, train_state: TrainState, model_chunks, optimizer=N
                                 f"the last published checkpoint in {save_dir} stays `latest`")
     layout = layout or ParallelLayout.current()
     staging = publish.stage(save_dir, step)
-    fmt = dist_io.save_sharded(staging, model_chunks, optimizer, optimizer_sharding)
-    write_rng(staging, _rank())
-    if _rank() == 0:
-        write_train_state(
-            staging, train_state, layout,
-            scheduler=scheduler.state_dict() if scheduler is not None else None,
-            loss_weighting=loss_weighting.state_dict() if loss_weighting is not None else None,
-            data=data_state, optimizer_format=fmt, config_yaml=config_yaml,
-        )
-    final = publish.publish(save_dir, step, keep_last,
-                            marker={"layout": layout.to_dict(), "optimizer_format": fmt})
+    try:
+        fmt = dist_io.save_sharded(staging, model_chunks, optimizer, optimizer_sharding)
+        write_rng(staging, _rank())
+        if _rank() == 0:
+            write_train_state(
+                staging, train_state, layout,
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                loss_weighting=loss_weighting.state_dict() if loss_weighting is not None else None,
+                data=data_state, optimizer_format=fmt, config_yaml=config_yaml,
+            )
+        final = publish.publish(save_dir, step, keep_last,
+                                marker={"layout": layout.to_dict(), "optimizer_format": fmt})
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        if not _disk_full(save_dir, exc):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # give back the space the partial save took
+        latest = publish.read_latest(save_dir)
+        raise CheckpointWriteError(
+            f"{save_dir}: no space left on the device while saving step {step} "
+            f"({shutil.disk_usage(save_dir).free >> 20} MiB free after removing the partial save); "
+            f"{f'{latest.name} stays `latest`' if latest else 'no checkpoint was published before'}; free space "
+            f"there or set checkpoint.save_dir to a larger file system") from exc
     if _rank() == 0:
         logger.info("saved checkpoint %s (layout %s)", final, layout.describe())
     return final
+
+
+def _disk_full(save_dir: Path, exc: BaseException) -> bool:
+    """Whether a failed save ran out of space: ENOSPC / EDQUOT anywhere in the exception chain (torch's and
+    megatron's writers wrap it, sometimes only as text), or next to no space left where it was writing."""
+    seen = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(save_dir).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def _restore(name: str, obj: Any, state: Optional[dict], path: Path) -> None:

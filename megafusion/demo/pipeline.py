@@ -15,6 +15,10 @@ Every stage prints one line when it starts and one when it ends (with its time),
 stage can be repeated by hand. The time budget (--minutes, default 15) is split: the stages other than training
 take about STAGE_RESERVE_MINUTES on two CPU cores, training gets the rest, as a step count from the reference
 machine's training speed and a wall-clock cap (training.exit_duration_minutes) in case this machine is slower.
+
+Each stage runs in its own session and dies with the demo (megafusion.utils.processes.die_with_parent, SIGTERM so a
+training stage still saves); SIGINT / SIGTERM / SIGUSR1 sent to the demo are forwarded to the running stage once,
+the demo waits for it to stop and then exits without starting the next stage.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import glob
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +42,32 @@ GENERATION = ["--steps", "25", "--cfg-scale", "3", "--batch-size", "16"]
 
 
 class StageFailed(RuntimeError):
-    """A stage's command exited with a non-zero status."""
+    """A stage's command exited with a non-zero status, or the demo was asked to stop."""
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def run_stage(command: List[str], env: dict) -> tuple:
+    """Run one stage's command to its end; returns (exit status, name of the stop signal forwarded or None)."""
+    from megafusion.utils.processes import die_with_parent
+
+    parent = os.getpid()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                            preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM))
+    stopped = []
+
+    def forward(signum, frame):
+        if not stopped:  # once: a second signal would abort a stage that is saving
+            stopped.append(signal.Signals(signum).name)
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return proc.wait(), (stopped[0] if stopped else None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def training_plan(minutes: float) -> tuple:
@@ -132,10 +162,13 @@ class Pipeline:
             shown = self._shown(command).replace("CORPUS", self.path("corpus"))
             print(f"[demo {index}/{len(plan)}] {name}: {shown}", flush=True)
             t0 = time.monotonic()
-            rc = subprocess.call(self._expand(command), cwd=ROOT, env=env)
+            rc, stopped = run_stage(self._expand(command), env)
             seconds = time.monotonic() - t0
             self.stages.append({"name": name, "command": shown, "seconds": round(seconds, 1), "returncode": rc})
             self._save(time.monotonic() - start)
+            if stopped:
+                raise StageFailed(f"stopped by {stopped} during stage {name!r} (exit status {rc}); the stages "
+                                  f"before it are in {self.out}, and its command was:\n  {shown}")
             if rc != 0:
                 raise StageFailed(f"stage {name!r} failed (exit status {rc}); its command was:\n  {shown}")
             print(f"[demo {index}/{len(plan)}] {name}: done in {seconds:.0f} s", flush=True)
