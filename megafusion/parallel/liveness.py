@@ -11,8 +11,9 @@ only when something already went wrong, so the store sees one small write per ra
 Naming the failure: gloo reports a dead peer as `RuntimeError: ... Connection closed by peer [10.0.0.2]:41234`
 (or a timeout after parallel.timeout_minutes when the peer froze); `name_lost_peers(last_step)` wraps the
 training run and turns such an error into `PeerLostError("rank 0 of 2: rank 1 of 2 is gone (Connection closed
-by peer) after step 12; ...")`, naming the missing ranks from the heartbeats and the last completed step, which
-it also records for the stop-signal watchdog (training/signals.py) through `last_step()`.
+by peer) after step 12; ...")` (a RunError: `megafusion train` prints it as one line and exits 1), naming the missing ranks from the heartbeats and the last completed step, which
+it also records for the stop-signal watchdog (training/signals.py) through `last_step()`. Stop signals (a
+launcher's SIGTERM to the surviving ranks) are held back for the few seconds this takes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from typing import Callable, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megafusion.errors import RunError
+from megafusion.utils.processes import discard_held_signals, hold_stop_signals, stop_signal_scope
+
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
@@ -36,8 +40,9 @@ PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer",
                         "connection refused", "remote worker", "nccl communicator", "socket closed")
 
 
-class PeerLostError(RuntimeError):
-    """A collective failed because a peer rank died, froze or left; the message names it and the step."""
+class PeerLostError(RunError):
+    """A collective failed because a peer rank died, froze or left; the message names it and the step (the command
+    line reports it in one line, megafusion/errors.py)."""
 
 
 class PeerMonitor:
@@ -157,8 +162,8 @@ def last_step() -> Optional[int]:
 
 
 def after_step_phrase(step: Optional[int]) -> str:
-    if step is None:
-        return "at an unknown step"
+    if step is None:  # no trainer yet: building the model, loading a checkpoint, opening the data
+        return "during start-up"
     return "before the first step" if step == 0 else f"after step {step}"
 
 
@@ -190,12 +195,20 @@ def name_lost_peers(step: Callable[[], Optional[int]]):
     global _PROGRESS
     _PROGRESS = step
     try:
-        yield
-    except Exception as exc:
-        if not is_peer_failure(exc) or not dist.is_initialized() or dist.get_world_size() < 2:
-            raise
-        message = lost_peer_message(exc, last_step())
-        logger.error("%s", message)
-        raise PeerLostError(message) from exc
+        # A launcher stops the other ranks when one dies (torchrun: SIGTERM within a second, SIGKILL 30 s later),
+        # and by then the training loop has removed its stop handler (StopSignal.uninstall holds stop signals
+        # when it runs during an error): the error is logged before a held signal is acted on.
+        with stop_signal_scope():
+            try:
+                yield
+            except Exception as exc:
+                if not is_peer_failure(exc) or not dist.is_initialized() or dist.get_world_size() < 2:
+                    raise
+                hold_stop_signals()
+                logger.error("rank %d of %d: a collective failed %s; finding out which peer is missing",
+                             dist.get_rank(), dist.get_world_size(), after_step_phrase(last_step()))
+                message = lost_peer_message(exc, last_step())
+                discard_held_signals()  # the process ends with PeerLostError: a stop request changes nothing
+                raise PeerLostError(message) from exc
     finally:
         _PROGRESS = None

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from megafusion.parallel import liveness
 from megafusion.parallel.initialize import collective_device
+from megafusion.utils.processes import hold_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,13 @@ class StopSignal:
         return handler
 
     def uninstall(self) -> None:
-        """Stop the watchdog and restore the handlers that were installed before."""
+        """Stop the watchdog and restore the handlers that were installed before. Called while an error unwinds
+        (a lost peer), it keeps stop signals deferred until that error is reported (utils/processes.py)."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if sys.exc_info()[1] is not None:
+            hold_stop_signals()
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None

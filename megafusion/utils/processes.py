@@ -14,6 +14,11 @@ wait for credits forever and keep hundreds of MB each. So a loader worker calls 
     rather than dying under a save in progress. It also drops the inherited signal wake-up fd
     (signal.set_wakeup_fd), which would otherwise report the helper's signals to the parent's stop watchdog.
 
+Holding stop signals: when a rank's collective fails because a peer died, a launcher stops the surviving ranks
+(torchrun sends SIGTERM within a second) while the training loop has already removed its stop handler; inside a
+`stop_signal_scope()`, `hold_stop_signals()` defers SIGINT / SIGTERM / SIGUSR1 until the scope ends (then they are
+re-delivered, unless `discard_held_signals()` says the process is ending anyway), so the error is reported first.
+
 `tie_forked_children()` makes every multiprocessing child this process forks from then on die with it and drop
 the wake-up fd (megatron's writers, which megafusion cannot hand a start-up function); it is idempotent and
 leaves signal dispositions alone (a multiprocessing Pool stops its workers with SIGTERM). A forked writer keeps
@@ -22,6 +27,7 @@ the handlers it inherited: under the trainer's StopSignal, stop signals are only
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing.util
@@ -104,3 +110,55 @@ def tie_forked_children() -> None:
     if _REGISTRATION is None:
         _REGISTRATION = _Registration()
         multiprocessing.util.register_after_fork(_REGISTRATION, _after_fork)
+
+
+# ---------------------------------------------------------------------------------------------- holding stop signals
+_SCOPES = 0
+_HELD: dict = {}  # signal -> the handler to restore
+_PENDING: list = []
+
+
+def _defer(signum, frame) -> None:
+    _PENDING.append(signum)
+
+
+@contextlib.contextmanager
+def stop_signal_scope():
+    """A region in which `hold_stop_signals()` may defer stop signals; on leaving it they are released."""
+    global _SCOPES
+    _SCOPES += 1
+    try:
+        yield
+    finally:
+        _SCOPES -= 1
+        if _SCOPES == 0:
+            release_stop_signals()
+
+
+def hold_stop_signals() -> bool:
+    """Inside a stop_signal_scope (main thread): record SIGINT / SIGTERM / SIGUSR1 instead of acting on them."""
+    if _SCOPES == 0 or _HELD:
+        return bool(_HELD)
+    try:
+        for sig in STOP_SIGNALS:
+            _HELD[sig] = signal.signal(sig, _defer)
+    except ValueError:  # not the main thread
+        release_stop_signals()
+        return False
+    return True
+
+
+def discard_held_signals() -> None:
+    """Forget the deferred signals: the process is ending anyway (with an error that says why)."""
+    _PENDING.clear()
+
+
+def release_stop_signals() -> None:
+    """Restore the handlers from before `hold_stop_signals` and re-deliver the signals deferred meanwhile."""
+    pending = list(dict.fromkeys(_PENDING))
+    _PENDING.clear()
+    for sig, handler in _HELD.items():
+        signal.signal(sig, handler)
+    _HELD.clear()
+    for sig in pending:
+        os.kill(os.getpid(), sig)
