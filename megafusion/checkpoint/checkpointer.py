@@ -48,6 +48,7 @@ from megafusion.checkpoint.publish import CorruptCheckpointError  # noqa: F401  
 from megafusion.checkpoint.train_state import (ParallelLayout, TrainState, load_rng, read_train_state,
                                                write_rng, write_train_state)
 from megafusion.errors import RunError
+from megafusion.parallel.initialize import collective_device
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ def _rank() -> int:
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 

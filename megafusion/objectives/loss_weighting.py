@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megafusion.config.schema import ObjectiveConfig
+from megafusion.parallel.initialize import collective_device
 
 LossLike = Union[torch.Tensor, float]
 
@@ -163,8 +164,8 @@ def reduce_for_weighting(l_ce: Union[LossLike, Sequence[LossLike]], l_fm: Union[
 
     ce, fm = stack(l_ce), stack(l_fm)
     device = ce.device if ce.numel() else fm.device
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    if dist.is_available() and dist.is_initialized():
+        device = collective_device(group)
     ce, fm = ce.to(device), fm.to(device)
     on_ce, on_fm = is_active(ce), is_active(fm)
     zero = torch.zeros((), dtype=torch.float64, device=device)

@@ -35,7 +35,7 @@ from megafusion.config import Config, save_config, to_yaml
 from megafusion.data.loader import build_data_iterators
 from megafusion.model import build_transformer_config, model_provider
 from megafusion.objectives import build_loss_weighting, reduce_for_weighting
-from megafusion.parallel.initialize import ParallelInfo, destroy_parallel, initialize_parallel
+from megafusion.parallel.initialize import ParallelInfo, collective_device, destroy_parallel, initialize_parallel
 from megafusion.parallel.liveness import name_lost_peers
 from megafusion.parallel.wrapping import use_bf16, wrap_model
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
@@ -156,9 +156,8 @@ class Trainer:
     def _global(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Means over micro-batches and DP ranks (token counts summed), identical on every rank."""
         local = average_reports(reports) if reports else {}
-        vec = torch.tensor([float(local.get(k, 0.0)) for k in REPORT_KEYS], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            vec = vec.cuda()
+        vec = torch.tensor([float(local.get(k, 0.0)) for k in REPORT_KEYS], dtype=torch.float64,
+                           device=collective_device())
         if not self.info.is_last_stage:
             vec.zero_()
         dist.all_reduce(vec)  # only last-stage ranks contribute: tp_size * dp_size of them

@@ -43,6 +43,8 @@ from typing import List, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
+from megafusion.parallel.initialize import collective_device
+
 logger = logging.getLogger(__name__)
 
 NAN_POLICIES = ("skip", "halt")
@@ -79,11 +81,6 @@ def _is_finite(value: Number) -> bool:
     return math.isfinite(float(value))
 
 
-def _collective_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
 
 def local_bad_terms(loss_values: Mapping[str, Number], grad_norm: Number) -> List[str]:
     """The names of this rank's non-finite values (no communication)."""
@@ -99,7 +96,7 @@ def check_finite(loss_values: Mapping[str, Number], grad_norm: Number = None, gr
     if not dist.is_initialized():
         return FiniteCheck(ok=not bad, bad_ranks=[0] if bad else [], bad_terms=bad,
                            detail=[f"rank 0: {', '.join(bad)}"] if bad else [])
-    flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=_collective_device(group))
+    flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if not flag.item():
         return FiniteCheck(ok=True)
