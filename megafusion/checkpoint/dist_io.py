@@ -297,7 +297,8 @@ def _results_in_process() -> None:
     process through a *spawned* multiprocessing Manager: a server process (a fresh interpreter importing the main
     module, ~300 MB) that lives as long as the trainer and is orphaned when the trainer is killed. megafusion saves
     synchronously: the writers report through their own fork-context queues to the saving process, which is also
-    the one that reads the collected results, so a plain in-process queue does the same with no extra process."""
+    the one that reads the collected results, so a plain in-process queue does the same with no extra process.
+    The target's shape is checked by tests/checkpoint/test_megatron_targets.py."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:
