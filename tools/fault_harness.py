@@ -208,6 +208,7 @@ class Battery:
         except Exception as e:  # noqa: BLE001 - the battery reports, it does not stop
             seen = Seen(False, f"battery error: {type(e).__name__}: {e}")
         left = run.leftovers()
+        seen.observed = seen.observed.replace(self.scratch + os.sep, "")  # paths relative to the scratch folder
         row = Row(name, expected, seen, len(left), time.monotonic() - t0)
         self.rows.append(row)
         state = "handled" if self.handled(row) else "NOT HANDLED"
@@ -233,7 +234,8 @@ class Battery:
         head = ("fault", "expected", "observed", "lost", "left", "exit s")
         rows = [(r.name, r.expected, r.seen.observed, r.seen.lost, str(r.left),
                  f"{r.seen.exit_seconds:.1f}" if r.seen.exit_seconds is not None else "-") for r in self.rows]
-        widths = [min(60, max(len(x[i]) for x in [head] + rows)) for i in range(len(head))]
+        widths = [min((28, 44, 100)[i] if i < 3 else 99, max(len(x[i]) for x in [head] + rows))
+                  for i in range(len(head))]
 
         def fmt(cells):
             return " | ".join(c[:w].ljust(w) if i < 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
