@@ -250,9 +250,12 @@ def _packed_sources(cfg: Config, datasets: Sequence[MultimodalDataset]) -> Tuple
 
 
 def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
-                         data_state: Optional[dict] = None) -> Tuple[DataIterator, Optional[DataIterator]]:
+                         data_state: Optional[dict] = None, datasets: Optional[Sequence[MultimodalDataset]] = None
+                         ) -> Tuple[DataIterator, Optional[DataIterator]]:
     """(train_iter, valid_iter) of Batch micro-batches of training.micro_batch_size for this DP rank.
 
+    `datasets`: data.paths already opened by open_datasets(cfg) (the training loop validates them before it
+    builds the model); None opens them here.
     `data_state`: a train_iter.state_dict() saved at `consumed_samples`; its planner snapshots let packing
     continue where it stood instead of re-planning from the start (ignored when it does not match the config).
     """
@@ -271,7 +274,7 @@ def build_data_iterators(cfg: Config, dp_rank: int = 0, dp_size: int = 1, consum
         train_ds = MicroBatchDataset(synthetic=train_src, **common)
         valid_ds = MicroBatchDataset(synthetic=valid_src, **common)
     else:
-        datasets = open_datasets(cfg)
+        datasets = open_datasets(cfg) if datasets is None else datasets
         train_src, valid_src = _packed_sources(cfg, datasets)
         if data_state and data_state.get("consumed_samples") == consumed_samples and "streams" in data_state:
             train_src.restore(data_state["streams"])

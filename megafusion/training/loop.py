@@ -1,7 +1,8 @@
 """`megafusion train`: the explicit training loop, readable top to bottom.
 
     setup:  parallel groups -> claim the run folder (training/run_folder.py: one live run per training.run_dir; a
-            fresh run never starts over another run's checkpoints) -> model chunks (DDP) -> optimizer + LR schedule
+            fresh run never starts over another run's checkpoints) -> open and validate data.paths (bad data named
+            before anything is built) -> model chunks (DDP) -> optimizer + LR schedule
             -> loss weighting -> resume -> data -> metrics (steps after the resumed one dropped)
     step:   micro-batches (noised) -> forward_backward_func -> NaN guard -> clip + update -> LR + EMA -> log
             -> maybe evaluate -> maybe checkpoint -> agreed stop on SIGTERM/SIGUSR1 or the wall-clock budget
@@ -32,7 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megafusion.checkpoint.checkpointer import checkpoint_root, resume, save_checkpoint
 from megafusion.checkpoint.train_state import TrainState
 from megafusion.config import Config, save_config, to_yaml
-from megafusion.data.loader import build_data_iterators
+from megafusion.data.loader import build_data_iterators, open_datasets
 from megafusion.model import build_transformer_config, model_provider
 from megafusion.objectives import build_loss_weighting, reduce_for_weighting
 from megafusion.parallel.initialize import ParallelInfo, collective_device, destroy_parallel, initialize_parallel
@@ -76,7 +77,8 @@ def train(cfg: Config) -> List[Dict[str, float]]:
         lock = claim_run_folder(cfg, checkpoint_root(cfg))
         trainer = None  # a collective failing on a lost peer -> PeerLostError naming it and the step (liveness.py)
         with name_lost_peers(lambda: trainer.state.step if trainer is not None else None):
-            trainer = Trainer(cfg, info)
+            datasets = open_datasets(cfg)  # validated before the model is built: bad data is named first
+            trainer = Trainer(cfg, info, datasets)
             return trainer.run()
     finally:
         if lock is not None:
@@ -85,7 +87,8 @@ def train(cfg: Config) -> List[Dict[str, float]]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: ParallelInfo):
+    def __init__(self, cfg: Config, info: ParallelInfo, datasets: Optional[list] = None):
+        """`datasets`: data.paths already opened and validated (loader.open_datasets); None opens them here."""
         self.cfg, self.info = cfg, info
         t = cfg.training
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * info.dp_size)
@@ -118,7 +121,7 @@ class Trainer:
                 logger.info("resumed from %s at step %d of %d", loaded.path, self.state.step, self.total_steps)
         self.train_iter, self.valid_iter = build_data_iterators(
             cfg, info.dp_rank, info.dp_size, self.state.consumed_samples,
-            data_state=loaded.data_state if loaded is not None else None)
+            data_state=loaded.data_state if loaded is not None else None, datasets=datasets)
         self.forward_backward = get_forward_backward_func()
         self.forward_step = make_forward_step(self.weighting)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else None

@@ -43,7 +43,13 @@ def test_run_dir_that_cannot_be_written(tmp_path, capsys):
     assert "checkpoint.save_dir=" in _one_line(capsys)
 
 
-def test_vocabulary_smaller_than_the_datasets_tokenizer(tmp_path, capsys):
+def test_vocabulary_smaller_than_the_datasets_tokenizer(tmp_path, capsys, monkeypatch):
+    from megafusion.training import loop
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data was validated")
+
+    monkeypatch.setattr(loop, "wrap_model", no_model)
     folder = write_dataset(str(tmp_path / "ds"), random_docs(np.random.default_rng(1), 8, vocab=200))
     rewrite_manifest(folder, lambda m: m["tokenizer"].update(vocab_size=1000))
     code = main(["train", "--config", "tiny", f"training.run_dir={tmp_path}/run", f"data.paths=[{folder}]",
