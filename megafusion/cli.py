@@ -3,6 +3,7 @@
     megafusion train    --config tiny [section.key=value ...]     # one process, or under torchrun
     megafusion config   --config tiny [section.key=value ...]     # print the resolved config
     megafusion generate --checkpoint RUN --prompts prompts.jsonl --out DIR [options]   # text and images
+    megafusion generate --hf HF_DIR ...                                               # from an exported folder
     megafusion demo     [--out out/demo] [--minutes 15] [--compare-weighting]           # the whole pipeline
 """
 

@@ -26,6 +26,19 @@ LEAK_GRACE_S = 10.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny model trained for a few steps on a preprocessed corpus (pixel encoder, 8x8 images), shared by the
+    generation and conversion tests (tests/inference/trained_run.py)."""
+    here = os.path.dirname(__file__)
+    for sub in ("inference", "preprocess", "training"):
+        if os.path.join(here, sub) not in sys.path:
+            sys.path.insert(0, os.path.join(here, sub))
+    from trained_run import make_trained_run
+
+    return make_trained_run(tmp_path_factory.mktemp("trained_run"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

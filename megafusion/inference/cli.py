@@ -3,6 +3,7 @@ write outputs (megafusion/inference/outputs.py). Runs in one process (CPU or GPU
 processes form one tensor-parallel group and rank 0 writes the outputs.
 
     megafusion generate --checkpoint runs/demo --prompts prompts.jsonl --out out/ [--image] [--frames 4]
+    megafusion generate --hf hf/demo ...          # an exported Hugging Face folder (megafusion/hf/generation.py)
         [--steps 25] [--cfg-scale 3] [--solver euler|heun|midpoint] [--temperature 0.8 --top-k 50 --top-p 0.9]
 """
 
@@ -18,7 +19,10 @@ from megafusion.inference.settings import SOLVERS, GenerationConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = GenerationConfig()
-    p.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint root or an iter_* folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder, a checkpoint root or an iter_* folder")
+    source.add_argument("--hf", help="a Hugging Face folder written by tools/convert_checkpoint.py to-hf (runs the "
+                                     "transformers model; its generation_config.json gives the default settings)")
     p.add_argument("--prompts", required=True, help="JSONL prompt file (megafusion/inference/prompts.py)")
     p.add_argument("--out", required=True, help="output folder (results.json, PNGs, GIFs, grids)")
     g = p.add_argument_group("text")
@@ -30,12 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images")
     g.add_argument("--image", action="store_true", help="start an image right after every prompt")
     g.add_argument("--frames", type=int, default=d.frames, help="frames per generated image (> 1: a video)")
-    g.add_argument("--steps", type=int, default=d.steps, help="solver steps per image / frame")
-    g.add_argument("--solver", choices=SOLVERS, default=d.solver)
-    g.add_argument("--timestep-shift", type=float, default=d.timestep_shift, help="t' = t / (t + s (1 - t))")
-    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance (1 = off)")
-    g.add_argument("--cfg-interval", type=float, nargs=2, default=list(d.cfg_interval), metavar=("LO", "HI"),
-                   help="apply guidance only for flow times t in [LO, HI]")
+    g.add_argument("--steps", type=int, default=None, help=f"solver steps per image / frame (default {d.steps})")
+    g.add_argument("--solver", choices=SOLVERS, default=None, help=f"default {d.solver}")
+    g.add_argument("--timestep-shift", type=float, default=None,
+                   help=f"t' = t / (t + s (1 - t)) (default {d.timestep_shift})")
+    g.add_argument("--cfg-scale", type=float, default=None,
+                   help=f"classifier-free guidance, 1 = off (default {d.cfg_scale})")
+    g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"apply guidance only for flow times t in [LO, HI] (default {list(d.cfg_interval)})")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the next get seed + 1, ...)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
@@ -65,12 +71,19 @@ def _encoder_config(pairs: List[str]) -> dict:
     return out
 
 
-def settings_from_args(args) -> GenerationConfig:
+def settings_from_args(args, defaults: Optional[dict] = None) -> GenerationConfig:
+    """The flags given, else `defaults` (an exported folder's generation_config.json), else GenerationConfig's."""
+    d = GenerationConfig()
+    image = {"steps": args.steps, "solver": args.solver, "timestep_shift": args.timestep_shift,
+             "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval}
+    for name, value in image.items():
+        if value is None:
+            image[name] = (defaults or {}).get(name, getattr(d, name))
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, allow_images=not args.no_images, force_image=args.image,
-                            frames=args.frames, steps=args.steps, solver=args.solver,
-                            timestep_shift=args.timestep_shift, cfg_scale=args.cfg_scale,
-                            cfg_interval=tuple(args.cfg_interval))
+                            frames=args.frames, steps=int(image["steps"]), solver=image["solver"],
+                            timestep_shift=float(image["timestep_shift"]), cfg_scale=float(image["cfg_scale"]),
+                            cfg_interval=tuple(image["cfg_interval"]))
 
 
 def run(args) -> int:
@@ -88,17 +101,28 @@ def run(args) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-        settings = settings_from_args(args)
+        defaults = None
+        if args.hf:
+            from megafusion.hf.generation import recommended_settings
+
+            defaults = recommended_settings(args.hf)
+        settings = settings_from_args(args, defaults)
         specs = read_prompt_file(args.prompts, args.seed)
         encoder_config = _encoder_config(args.encoder_arg)
     except (ValueError, PromptError) as exc:
         print(f"megafusion generate: {exc}", file=sys.stderr)
         return 2
     try:
-        gen = load_for_generation(args.checkpoint, precision=args.precision, device=args.device,
-                                  tokenizer=args.tokenizer, encoder=args.encoder, encoder_config=encoder_config,
-                                  use_cache=not args.no_cache)
-    except (CheckpointNotFoundError, FileNotFoundError, ValueError) as exc:
+        if args.hf:
+            from megafusion.hf.generation import load_hf_for_generation
+
+            load = load_hf_for_generation
+        else:
+            load = load_for_generation
+        gen = load(args.hf or args.checkpoint, precision=args.precision, device=args.device,
+                   tokenizer=args.tokenizer, encoder=args.encoder, encoder_config=encoder_config,
+                   use_cache=not args.no_cache)
+    except (CheckpointNotFoundError, FileNotFoundError, ImportError, ValueError) as exc:
         print(f"megafusion generate: {exc}", file=sys.stderr)
         return 2
     try:
@@ -125,7 +149,7 @@ def run(args) -> int:
         steps.close()
         bar.close()
         if writer is not None:
-            path = writer.finish({"checkpoint": str(gen.checkpoint), "step": gen.step,
+            path = writer.finish({"hf" if args.hf else "checkpoint": str(gen.checkpoint), "step": gen.step,
                                   "settings": settings.to_dict(), "precision": gen.precision,
                                   "device": str(gen.device)})
             print(f"wrote {path}")

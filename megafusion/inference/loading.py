@@ -13,7 +13,8 @@ What it does, in order, failing before any compute with an error that names the 
   3. initialise megatron's parallel state (megafusion.parallel.initialize) and build the model;
   4. load the weights through megatron dist_checkpointing, which reshards whatever TP / PP / EP layout saved them;
   5. open the tokenizer and the frozen encoder named by the training data's manifest.json (or the given
-     overrides) and check the encoder's latent shape and the patch size against the model.
+     overrides, or for a checkpoint converted from Hugging Face format its root's encoder.json) and check the
+     encoder's latent shape and the patch size against the model.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from megafusion.config.schema import Config
 logger = logging.getLogger("megafusion.generate")
 
 PRECISIONS = ("auto", "fp32", "bf16")
+ENCODER_FILE = "encoder.json"  # beside a checkpoint converted from Hugging Face format (megafusion/hf/importer.py)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -155,6 +157,10 @@ def load_for_generation(checkpoint, *, precision: str = "auto", device: Optional
     elif manifest is not None:
         frozen = build_encoder(manifest["encoder"]["name"], **manifest["encoder"].get("config", {}))
         check_encoder(frozen, cfg, f"{cfg.data.paths[0]}/manifest.json")
+    elif (folder.parent / ENCODER_FILE).is_file():  # a checkpoint converted from a Hugging Face folder
+        spec = json.loads((folder.parent / ENCODER_FILE).read_text())
+        frozen = build_encoder(spec["name"], **(spec.get("config") or {}))
+        check_encoder(frozen, cfg, str(folder.parent / ENCODER_FILE))
 
     info = initialize_parallel(cfg.parallel, cfg.training.seed)
     target = torch.device(device) if device else info.device
