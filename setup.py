@@ -25,6 +25,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "vae": ["diffusers", "safetensors"],
         "vision": ["transformers", "safetensors"],
+        "hf": ["transformers>=5.0", "safetensors"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.cli:main"]},

@@ -142,7 +142,6 @@ class HFFolder:
                                 f"that did not finish)")
         self.config = json.loads((self.path / CONFIG).read_text())
         self.weight_map = self._weight_map()
-        self._handles: Dict[str, object] = {}
 
     def _weight_map(self) -> Dict[str, str]:
         from safetensors import safe_open
@@ -179,21 +178,18 @@ class HFFolder:
             raise HFFolderError(f"{self.path}: the weights do not match config.json's model: {'; '.join(parts)}")
 
     def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, in memory of its own: the file is mapped only while it is read, so the pages of tensors
+        already converted do not stay resident (a 5 GB shard would otherwise count in full)."""
         from safetensors import safe_open
 
         file_name = self.weight_map.get(name)
         if file_name is None:
             raise HFFolderError(f"{self.path}: tensor {name} is not in the index; the folder is incomplete")
-        handle = self._handles.get(file_name)
-        if handle is None:
-            handle = self._handles[file_name] = safe_open(str(self.path / file_name), framework="pt")
-        return handle.get_tensor(name)
+        with safe_open(str(self.path / file_name), framework="pt") as handle:
+            return handle.get_tensor(name).clone()
 
     def tensors(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
         return {n: self.tensor(n) for n in names}
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def write_tokenizer(folder: Path, sentencepiece_model: Optional[str], special) -> bool:

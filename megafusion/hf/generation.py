@@ -121,7 +121,6 @@ def load_hf_for_generation(hf_dir, *, precision: str = "auto", device: Optional[
     engine = Engine(backend, vocab_size=cfg.model.vocab_size, context_length=cfg.data.seq_length,
                     conditioning=cfg.objective.captioning, use_cache=use_cache, device=target)
     step = int((getattr(c, "megafusion_source", None) or {}).get("step", 0))
-    folder.close()
     logger.info("loaded %s for generation (transformers model): %s, %s", path, resolved, target)
     return Generator(cfg=cfg, model=backend, engine=engine, tokenizer=text_tokenizer, encoder=frozen,
                      manifest=None, checkpoint=path, step=step, device=target, precision=resolved)

