@@ -87,3 +87,19 @@ def megatron_single_process():
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def megatron_cpu_single_process():
+    """megatron_single_process with cpu_compat forced: megatron's MoE router moves its weight to
+    torch.cuda.current_device(), so MoE layers on CPU tensors need it (forced so they stay on the CPU on a GPU
+    machine too)."""
+    from megafusion.parallel.cpu_compat import disable_cpu_compat, enable_cpu_compat
+
+    active = enable_cpu_compat(force=True)
+    try:
+        with megatron_single_process():
+            yield
+    finally:
+        if active:
+            disable_cpu_compat()

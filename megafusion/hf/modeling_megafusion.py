@@ -3,7 +3,9 @@
 Self-contained: it imports only torch, transformers, the standard library and its sibling configuration_megafusion.py
 (relatively), as both are copied into exported folders as remote code, where megafusion is not installed. It computes
 what megafusion.model.MultimodalModel computes (tests/hf/test_hf_parity.py: equal in fp32; no dropout, megafusion's
-default); the state-dict mapping is megafusion/hf/adapter.py.
+default); the state-dict mapping is megafusion/hf/adapter.py. The few fixed features it shares with megafusion
+(sinusoidal_features, sincos_2d: megafusion/model/embeddings.py) are deliberate copies, since remote code cannot
+import megafusion; the parity tests hold them equal.
 
 A packed multimodal batch, batch-first [b, s] like megafusion's Batch:
 

@@ -12,12 +12,11 @@ import os
 import pytest
 import torch
 
-from distributed import megatron_single_process
+from distributed import megatron_cpu_single_process
 from megafusion.config.loading import load_config
 from megafusion.hf import MegafusionConfig, MegafusionForMultimodalLM, register
 from megafusion.hf.adapter import MegafusionStateDictAdapter, hf_config_from_megafusion, model_overrides_from_hf
 from megafusion.hf.modeling_megafusion import build_attention_mask
-from megafusion.parallel.cpu_compat import disable_cpu_compat, enable_cpu_compat
 from hf_cases import SEQ, hf_inputs, mixed_batch
 from tiny_model import tiny_config, tiny_model
 
@@ -41,14 +40,8 @@ CASES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_process():
-    # megatron's MoE router moves its weight to torch.cuda.current_device() and needs cpu_compat F without TE
-    active = enable_cpu_compat(force=True)
-    try:
-        with megatron_single_process():
-            yield
-    finally:
-        if active:
-            disable_cpu_compat()
+    with megatron_cpu_single_process():
+        yield
 
 
 def megafusion_model(**fields):

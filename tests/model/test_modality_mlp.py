@@ -16,13 +16,12 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from distributed import megatron_single_process
+from distributed import megatron_cpu_single_process
 from megafusion.config.schema import Config, DataConfig, ModelConfig, MoEConfig, TrainingConfig
 from megafusion.data.synthetic import SyntheticDocuments, SyntheticSpec
 from megafusion.model.attention.layout import AttentionLayout
 from megafusion.model.modality_mlp import ModalityMLP
 from megafusion.model.moe import ModalityRouter, aux_loss_tracker_name
-from megafusion.parallel.cpu_compat import disable_cpu_compat, enable_cpu_compat
 from megafusion.model.specs import get_layer_spec, get_mlp_spec, get_modality_mlp_spec
 from megafusion.model.transformer_config import build_transformer_config
 
@@ -31,15 +30,8 @@ SEQ, BATCH = 64, 3
 
 @pytest.fixture(scope="module", autouse=True)
 def _megatron_single_process():
-    # megatron's MoE router moves its weight to torch.cuda.current_device() and needs cpu_compat F without TE;
-    # forced so these CPU tensors stay on the CPU on a GPU machine too
-    active = enable_cpu_compat(force=True)
-    try:
-        with megatron_single_process():
-            yield
-    finally:
-        if active:
-            disable_cpu_compat()
+    with megatron_cpu_single_process():
+        yield
 
 
 def moe(**fields):
