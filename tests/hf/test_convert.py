@@ -71,6 +71,12 @@ def test_megafusion_to_hf_to_megafusion_is_bit_identical(exported, trained_run, 
     for name in original:
         assert torch.equal(original[name], restored[name]), name
     assert (back / "tokenizer.model").is_file() and (back / "encoder.json").is_file()
+    from megafusion.inference.loading import load_for_generation
+    from megafusion.parallel.initialize import destroy_parallel
+
+    gen = load_for_generation(back, precision="fp32")  # `megafusion generate --checkpoint` finds everything
+    destroy_parallel()
+    assert gen.tokenizer.path == str(back / "tokenizer.model") and gen.encoder is not None and gen.step == 0
 
 
 def test_sharded_export_holds_the_same_tensors(exported, trained_run, tmp_path):
