@@ -123,6 +123,10 @@ class ModelConfig:
     """p: each token is a p x p patch of the latent, patch_dim = C * p * p."""
     modality_ffn: bool = True
     """Separate FFN weights for text and image positions (False: one shared FFN, a plain GPT layer)."""
+    modality_attention: bool = False
+    """BAGEL's Mixture-of-Transformers: text and image positions also get their own QKV and output projections and
+    their own input / post-attention norms; the attention itself runs once over the whole sequence (hybrid mask).
+    Not with parallel.sequence_parallel."""
     timestep_embed_dim: int = 256
     """Width of the sinusoidal flow-time features fed to the timestep MLP."""
     patch_position_embedding: str = "none"
@@ -427,6 +431,9 @@ class Config:
                f"{p.pipeline_model_parallel_size}")
         if p.sequence_parallel:
             _check(tp > 1, "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+            _check(not m.modality_attention, "model.modality_attention=true does not support "
+                   "parallel.sequence_parallel yet (a rank's slice of the sequence holds a different number of each "
+                   "modality's positions than its peers'); set parallel.sequence_parallel=false")
             _check(self.data.seq_length % tp == 0,
                    f"parallel.sequence_parallel=true splits the sequence over TP: data.seq_length="
                    f"{self.data.seq_length} must be divisible by tensor_model_parallel_size={tp}")

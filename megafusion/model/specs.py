@@ -1,13 +1,17 @@
 """Layer specs of the multimodal transformer: megatron ModuleSpecs, local (torch) or Transformer Engine.
 
 `get_layer_spec(config, use_te)` follows megatron's get_gpt_layer_local_spec /
-get_gpt_layer_with_transformer_engine_spec, with three changes:
+get_gpt_layer_with_transformer_engine_spec, with these changes:
 
 - the layer is MultimodalTransformerLayer and the attention MultimodalSelfAttention (they carry the AttentionLayout
   to the FFN and through recompute; megafusion/model/transformer_layer.py);
 - core attention is HybridCoreAttention (causal text, bidirectional visual blocks; megafusion/model/attention);
+- with `config.modality_attention` (BAGEL's Mixture-of-Transformers), the input and pre-FFN norms and the QKV and
+  output projections are per modality (ModalityNorm / ModalityLinear, megafusion/model/modality_attention.py),
+  unfused also under Transformer Engine; the attention itself stays one;
 - with `config.modality_ffn`, the MLP slot is a ModalityMLP holding one FFN spec per modality. The pre-FFN norm
-  stays shared (one `pre_mlp_layernorm`, also with TE, where it is a TENorm before a plain TE column-parallel fc1),
+  stays shared unless modality_attention is on (one `pre_mlp_layernorm`, also with TE, where it is a TENorm before
+  a plain TE column-parallel fc1),
   so local and TE checkpoints keep the same parameter names. A modality listed in `config.moe_modalities`
   (model.moe) gets megatron's MoE layer (megafusion/model/moe.py), the others a dense MLP;
   `get_modality_mlp_spec(..., image=<spec>)` lets a caller put any other spec in a modality's slot.
@@ -34,6 +38,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megafusion.model.attention.core_attention import HybridCoreAttention
+from megafusion.model.modality_attention import ModalityLinear, ModalityNorm
 from megafusion.model.modality_mlp import ModalityMLP, ModalityMLPSubmodules
 from megafusion.model.moe import get_moe_spec
 from megafusion.model.norm import LocalNorm
@@ -107,11 +112,24 @@ def get_layer_spec(config, use_te: bool, mlp: Optional[ModuleSpec] = None) -> Mo
     backend = _Backend(config, use_te)
     modality = bool(getattr(config, "modality_ffn", False))
     if mlp is None:
-        mlp = get_modality_mlp_spec(config, use_te) if modality else get_mlp_spec(config, use_te, fuse_norm=True)
+        fuse = not getattr(config, "modality_attention", False)  # per-modality pre-FFN norms cannot fuse into fc1
+        mlp = get_modality_mlp_spec(config, use_te) if modality else get_mlp_spec(config, use_te, fuse_norm=fuse)
     fused_mlp_norm = use_te and isinstance(mlp, ModuleSpec) and mlp.module is MLP and (
         mlp.submodules.linear_fc1 is backend.norm_column)
 
-    if use_te:
+    pre_mlp_layernorm = IdentityOp if fused_mlp_norm else backend.norm
+    linear_proj = backend.row
+    if getattr(config, "modality_attention", False):
+        # Mixture-of-Transformers: unfused per-modality norms and projections (megafusion/model/modality_attention.py)
+        input_layernorm = ModuleSpec(module=ModalityNorm, submodules=backend.norm)
+        linear_qkv = ModuleSpec(module=ModalityLinear, submodules=backend.column)
+        linear_proj = ModuleSpec(module=ModalityLinear, submodules=backend.row)
+        if fused_mlp_norm:
+            raise ValueError("model.modality_attention needs an unfused pre-FFN norm; build the layer with "
+                             "get_layer_spec's default FFN")
+        pre_mlp_layernorm = ModuleSpec(module=ModalityNorm, submodules=backend.norm)
+        keys_map = {}
+    elif use_te:
         input_layernorm = IdentityOp
         linear_qkv = backend.norm_column
         keys_map = {}
@@ -133,13 +151,13 @@ def get_layer_spec(config, use_te: bool, mlp: Optional[ModuleSpec] = None) -> Mo
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=linear_qkv,
                     core_attention=HybridCoreAttention,
-                    linear_proj=backend.row,
+                    linear_proj=linear_proj,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if fused_mlp_norm else backend.norm,
+            pre_mlp_layernorm=pre_mlp_layernorm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,

@@ -28,6 +28,8 @@ class MultimodalTransformerConfig(TransformerConfig):
     """Patch side p; patch_dim = latent_channels * p * p."""
     modality_ffn: bool = True
     """Separate text and image FFN weights."""
+    modality_attention: bool = False
+    """Separate text and image QKV / output projections and norms around one shared attention (BAGEL's MoT)."""
     timestep_embed_dim: int = 256
     """Sinusoidal flow-time feature width."""
     patch_position_embedding: str = "none"
@@ -117,6 +119,7 @@ def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True
         latent_size=m.latent_size,
         patch_size=m.patch_size,
         modality_ffn=m.modality_ffn,
+        modality_attention=m.modality_attention,
         timestep_embed_dim=m.timestep_embed_dim,
         patch_position_embedding=m.patch_position_embedding,
         hybrid_attention_backend=resolve_backend(m.attention_backend),

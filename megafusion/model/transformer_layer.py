@@ -10,6 +10,8 @@ more than megatron gives them:
 - MultimodalSelfAttention: selective recompute of core attention (`training.recompute=selective`) passes the mask
   through megatron's CheckpointFunction, which can only save tensors; here the layout stays in the closure.
 - MultimodalTransformerBlock: full recompute (`training.recompute=full`) does the same for whole layers.
+- With model.modality_attention the layer also hands the layout to its per-modality norms and projections for
+  the duration of its forward (megafusion/model/modality_attention.py).
 
 On GPU with Transformer Engine and on CPU the same classes run; nothing here touches devices.
 """
@@ -29,6 +31,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megafusion.model.attention.layout import AttentionLayout
+from megafusion.model.modality_attention import routed
 from megafusion.model.modality_mlp import ModalityMLP
 
 
@@ -92,12 +95,15 @@ class MultimodalTransformerLayer(TransformerLayer):
     def forward(self, *args, **kwargs):
         kwargs.pop("dynamic_inference_decode_only", None)
         layout = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
-        hidden_states, context = self._forward_attention(*args, **kwargs)
-        output = self._forward_mlp(
-            hidden_states,
-            kwargs.get("inference_context", None),
-            padding_mask=self._mlp_routing(layout, kwargs.get("padding_mask", None)),
-        )
+        attention = self.self_attention
+        with routed((self.input_layernorm, self.pre_mlp_layernorm, attention.linear_qkv, attention.linear_proj),
+                    layout):  # Mixture-of-Transformers modules route rows by modality (modality_attention.py)
+            hidden_states, context = self._forward_attention(*args, **kwargs)
+            output = self._forward_mlp(
+                hidden_states,
+                kwargs.get("inference_context", None),
+                padding_mask=self._mlp_routing(layout, kwargs.get("padding_mask", None)),
+            )
         return output, context
 
     def _mlp_routing(self, layout, padding_mask):

@@ -122,7 +122,7 @@ def test_remote_code_loads_where_megafusion_cannot_be_imported(tmp_path):
     from megafusion.inference.loading import load_for_generation
     from megafusion.parallel.initialize import destroy_parallel
     from megafusion.model.attention.layout import AttentionLayout
-    from hf_cases import hf_inputs, mixed_batch
+    from mixed_batch import hf_inputs, mixed_batch
 
     root = tmp_path / "ckpt"
     save_random_checkpoint(root, tiny_overrides(MOE))

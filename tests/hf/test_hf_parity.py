@@ -17,7 +17,7 @@ from megafusion.config.loading import load_config
 from megafusion.hf import MegafusionConfig, MegafusionForMultimodalLM, register
 from megafusion.hf.adapter import MegafusionStateDictAdapter, hf_config_from_megafusion, model_overrides_from_hf
 from megafusion.hf.modeling_megafusion import build_attention_mask
-from hf_cases import SEQ, hf_inputs, mixed_batch
+from mixed_batch import SEQ, hf_inputs, mixed_batch
 from tiny_model import tiny_config, tiny_model
 
 TOL = 1e-5

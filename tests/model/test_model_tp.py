@@ -1,6 +1,7 @@
 """Model parallelism on 2 gloo processes: MultimodalModel at TP=2 (the TP=1 weights sharded by hand following
 megatron's layouts), at TP=2 with sequence parallelism, and as two pipeline stages gives the single-process loss
-and gradients on the same weights."""
+and gradients on the same weights; so does the Mixture-of-Transformers model (model.modality_attention) at TP=2
+and as two stages."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from distributed import run_distributed
 BACKENDS = ["dense"] + (["segmented"] if importlib.util.find_spec("megafusion.model.attention.segmented") else [])
 
 
-def _make_config(tp: int, backend: str, pp: int = 1, sequence_parallel: bool = False, modality_ffn: bool = True):
+def _make_config(tp: int, backend: str, pp: int = 1, sequence_parallel: bool = False, modality_ffn: bool = True,
+                 modality_attention: bool = False):
     from megafusion.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, TrainingConfig
     from megafusion.model.transformer_config import build_transformer_config
 
     cfg = Config(
         model=ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                           vocab_size=200, latent_channels=4, latent_size=4, patch_size=2, attention_backend=backend,
-                          transformer_impl="local", modality_ffn=modality_ffn),
+                          transformer_impl="local", modality_ffn=modality_ffn,
+                          modality_attention=modality_attention),
         data=DataConfig(seq_length=64),
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 sequence_parallel=sequence_parallel),
@@ -67,7 +70,7 @@ def _shard(name: str, full: torch.Tensor, param: torch.Tensor, gated: bool, rank
     return full.chunk(tp, dim)[rank]
 
 
-def _single_process_reference(backend: str):
+def _single_process_reference(backend: str, modality_attention: bool = False):
     """The TP=PP=1 model on the test batch (each rank computes it; data parallel with nothing to communicate):
     (config, batch, loss, weights by name, gradients by name)."""
     from megatron.core import parallel_state as ps
@@ -75,7 +78,7 @@ def _single_process_reference(backend: str):
     from megafusion.model import MultimodalModel
 
     ps.initialize_model_parallel(1, 1)
-    config = _make_config(1, backend)
+    config = _make_config(1, backend, modality_attention=modality_attention)
     torch.manual_seed(0)
     reference = MultimodalModel(config)
     batch = _batch(config)
@@ -92,9 +95,12 @@ def _tp_worker(rank, world_size, out_dir, backends):
         _compare_tp2_with_tp1(rank, out_dir, backend)
     _compare_tp2_with_tp1(rank, out_dir, backends[-1], sequence_parallel=True)
     _compare_pp2_with_pp1(rank, out_dir)
+    # BAGEL's Mixture-of-Transformers: per-modality projections column / row parallel, and split over stages
+    _compare_tp2_with_tp1(rank, out_dir, "dense", modality_attention=True)
+    _compare_pp2_with_pp1(rank, out_dir, modality_attention=True)
 
 
-def _compare_pp2_with_pp1(rank, out_dir):
+def _compare_pp2_with_pp1(rank, out_dir, modality_attention=False):
     """Two pipeline stages driven by hand (send/recv of [s, b, h] and its gradient; megatron's schedules are the
     training loop's business): stage 0 embeds, stage 1 takes set_input_tensor and returns ModelOutput; both build
     the layout from the same Batch. Loss and gradients equal the one-stage model's."""
@@ -103,10 +109,10 @@ def _compare_pp2_with_pp1(rank, out_dir):
 
     from megafusion.model import ModelOutput, MultimodalModel
 
-    config1, batch, loss1, weights, grads = _single_process_reference("dense")
+    config1, batch, loss1, weights, grads = _single_process_reference("dense", modality_attention)
 
     ps.initialize_model_parallel(1, 2)
-    config2 = _make_config(1, "dense", pp=2)
+    config2 = _make_config(1, "dense", pp=2, modality_attention=modality_attention)
     first, last = rank == 0, rank == 1
     stage = MultimodalModel(config2, pre_process=first, post_process=last)
     assert len(stage.decoder.layers) == 1
@@ -142,11 +148,12 @@ def _compare_pp2_with_pp1(rank, out_dir):
     for name, param in names.items():
         report["grad_rel"][name] = ((param.grad - grads[name]).norm() / grads[name].norm().clamp_min(1e-30)).item()
     ps.destroy_model_parallel()
-    with open(os.path.join(out_dir, f"pp_rank{rank}.json"), "w") as f:
+    label = "pp_mot" if modality_attention else "pp"
+    with open(os.path.join(out_dir, f"{label}_rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
 
-def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False):
+def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False, modality_attention=False):
     """With sequence parallelism the layers pass [s/2, b, h] between them, and the norms' gradients are partial
     sums that megatron's finalize_model_grads all-reduces over TP (done here by hand)."""
     import torch.distributed as dist
@@ -154,7 +161,7 @@ def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False):
 
     from megafusion.model import MultimodalModel
 
-    config1, batch, loss1, weights, grads = _single_process_reference(backend)
+    config1, batch, loss1, weights, grads = _single_process_reference(backend, modality_attention)
 
     ps.initialize_model_parallel(2, 1)
     if sequence_parallel:  # megatron's sequence-parallel linears (gather buffers) and RNG tracker need CUDA
@@ -164,7 +171,7 @@ def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False):
 
         enable_cpu_compat()
         tensor_parallel.model_parallel_cuda_manual_seed(0)
-    config2 = _make_config(2, backend, sequence_parallel=sequence_parallel)
+    config2 = _make_config(2, backend, sequence_parallel=sequence_parallel, modality_attention=modality_attention)
     assert config2.padded_vocab_size == config1.padded_vocab_size
     model = MultimodalModel(config2)
     shapes = []
@@ -191,7 +198,7 @@ def _compare_tp2_with_tp1(rank, out_dir, backend, sequence_parallel=False):
         expected = _shard(name, grads[name], param, config2.gated_linear_unit, rank, 2)
         report["grad_rel"][name] = ((param.grad - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     ps.destroy_model_parallel()
-    label = f"{backend}_sp" if sequence_parallel else backend
+    label = f"{backend}_sp" if sequence_parallel else (f"{backend}_mot" if modality_attention else backend)
     with open(os.path.join(out_dir, f"{label}_rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
@@ -215,15 +222,18 @@ def _check_shared_ffn_padding_mask_is_local(rank, backend, batch):
 @pytest.mark.distributed
 def test_tp2_sp_and_pp2_loss_and_gradients_equal_single_process(tmp_path):
     run_distributed(_tp_worker, world_size=2, args=(str(tmp_path), BACKENDS))
-    for backend in BACKENDS + [f"{BACKENDS[-1]}_sp"]:
+    for backend in BACKENDS + [f"{BACKENDS[-1]}_sp", "dense_mot"]:
         for rank in range(2):
             _check(json.loads((tmp_path / f"{backend}_rank{rank}.json").read_text()), backend, rank)
-    stages = [json.loads((tmp_path / f"pp_rank{rank}.json").read_text()) for rank in range(2)]
-    stages[0]["loss2"] = stages[1]["loss2"]
-    assert set(stages[0]["grad_rel"]) | set(stages[1]["grad_rel"]) >= {"embedding.word_embeddings.weight",
-                                                                     "output_layer.weight"}
-    for rank, report in enumerate(stages):
-        _check(report, "pipeline stage", rank)
+    for label in ("pp", "pp_mot"):
+        stages = [json.loads((tmp_path / f"{label}_rank{rank}.json").read_text()) for rank in range(2)]
+        stages[0]["loss2"] = stages[1]["loss2"]
+        assert set(stages[0]["grad_rel"]) | set(stages[1]["grad_rel"]) >= {"embedding.word_embeddings.weight",
+                                                                         "output_layer.weight"}
+        for rank, report in enumerate(stages):
+            _check(report, f"pipeline stage ({label})", rank)
+    mot = json.loads((tmp_path / "dense_mot_rank0.json").read_text())["grad_rel"]
+    assert "decoder.layers.1.self_attention.linear_qkv.image.weight" in mot
 
 
 def _check(report, backend, rank):

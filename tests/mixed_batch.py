@@ -1,5 +1,6 @@
-"""The mixed packed batch the Hugging Face tests feed both models, and the keyword arguments of the transformers
-model for it."""
+"""A mixed packed batch for model tests (two rows: text, noised and clean images, a 2-frame video, padding, two
+documents, a CFG-dropped context) at tiny_model.py's sizes, and the keyword arguments of the transformers model
+(megafusion/hf) for it."""
 
 from __future__ import annotations
 
