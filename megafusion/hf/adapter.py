@@ -14,6 +14,8 @@ One megatron tensor maps to one or more HF tensors (modeling_megafusion.py's nam
     decoder.layers.N.mlp.M.router.*                           model.layers.N.mlp.M.router.*
     decoder.layers.N.mlp.M.experts.local_experts.E.linear_fc1/2.*   model.layers.N.mlp.M.experts.E.{...}  (as above)
     decoder.final_layernorm.*                                 model.norm.*
+    (modality_attention) ...input_layernorm.M.* / pre_mlp_layernorm.M.*   ...input_layernorm.M.* / post_attention_layernorm.M.*
+    (modality_attention) ...self_attention.linear_qkv.M.* / linear_proj.M.*   ...self_attn.M.{q,k,v,o}_proj.*
     output_layer.weight                                       lm_head.weight (absent when tied to the embedding)
     velocity_head.linear.*                                    velocity_head.*
     *._extra_state                                            nothing (skipped)
@@ -42,6 +44,11 @@ from megafusion.hf.configuration_megafusion import MegafusionConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.(text|image)\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.(weight|bias)$")
+# Mixture-of-Transformers (modality_attention): per-modality norms and attention projections
+_ROUTED = re.compile(r"^(input_layernorm|pre_mlp_layernorm|self_attention\.linear_qkv|self_attention\.linear_proj)"
+                     r"\.(text|image)\.(weight|bias)$")
+_ROUTED_SLOTS = re.compile(r"^(input_layernorm|pre_mlp_layernorm|self_attention\.linear_qkv|self_attention\.linear_proj)"
+                           r"\.(weight|bias)$")
 _ALIASES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
             "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
 _GLOBAL = {
@@ -58,6 +65,12 @@ _GLOBAL = {
     "velocity_head.linear.weight": "velocity_head.weight",
     "velocity_head.linear.bias": "velocity_head.bias",
 }
+
+
+def _insert_modality(name: str, prefix: str, modality: str) -> str:
+    """model.layers.N.self_attn.q_proj.weight -> model.layers.N.self_attn.<modality>.q_proj.weight (and the norms)."""
+    slot, tail = name[len(prefix):].split(".", 1)
+    return f"{prefix}{slot}.{modality}.{tail}"
 
 
 class MegafusionStateDictAdapter:
@@ -78,10 +91,13 @@ class MegafusionStateDictAdapter:
             names += [f"embedding.timestep_embed.linear_{i}.weight", f"embedding.timestep_embed.linear_{i}.bias"]
         for n in range(c.num_hidden_layers):
             p = f"decoder.layers.{n}."
-            names += self._norm(p + "input_layernorm")
-            names += self._linear(p + "self_attention.linear_proj", b)
-            names += self._linear(p + "self_attention.linear_qkv", b)
-            names += self._norm(p + "pre_mlp_layernorm")
+            for m in (".text", ".image") if c.modality_attention else ("",):
+                names += self._norm(f"{p}input_layernorm{m}")
+            for slot in ("linear_proj", "linear_qkv"):
+                for m in (".text", ".image") if c.modality_attention else ("",):
+                    names += self._linear(f"{p}self_attention.{slot}{m}", b)
+            for m in (".text", ".image") if c.modality_attention else ("",):
+                names += self._norm(f"{p}pre_mlp_layernorm{m}")
             if not c.modality_ffn:
                 names += self._dense(p + "mlp")
             for modality in (("text", "image") if c.modality_ffn else ()):
@@ -112,8 +128,10 @@ class MegafusionStateDictAdapter:
         `_extra_state`. A name this config does not have is a ValueError."""
         return [name for name, _ in self._plan(megatron_name)[1]]
 
-    def _plan(self, megatron_name: str) -> Tuple[Tuple[int, ...], List[Tuple[str, Tuple[int, ...]]]]:
-        """(megatron shape, [(HF name, HF shape), ...]) of one megatron tensor; HF pieces in fusion order."""
+    def _plan(self, megatron_name: str, shared_ok: bool = False
+              ) -> Tuple[Tuple[int, ...], List[Tuple[str, Tuple[int, ...]]]]:
+        """(megatron shape, [(HF name, HF shape), ...]) of one megatron tensor; HF pieces in fusion order.
+        `shared_ok`: plan a shared attention / norm name under modality_attention (its per-modality pieces)."""
         c = self.config
         if megatron_name.endswith("._extra_state"):
             return (), []
@@ -142,6 +160,14 @@ class MegafusionStateDictAdapter:
             raise ValueError(f"{megatron_name}: layer {layer} but the config has num_hidden_layers="
                              f"{c.num_hidden_layers}")
         prefix = f"model.layers.{layer}."
+        routed = _ROUTED.match(rest)
+        if routed or (c.modality_attention and not shared_ok and _ROUTED_SLOTS.match(rest)):
+            if not (routed and c.modality_attention):
+                raise ValueError(f"{megatron_name}: {'a per-modality' if routed else 'a shared'} attention or norm "
+                                 f"parameter, but the config has modality_attention={c.modality_attention}")
+            slot, modality, kind = routed.groups()
+            shape, pieces = self._plan(f"decoder.layers.{layer}.{slot}.{kind}", shared_ok=True)
+            return shape, [(_insert_modality(name, prefix, modality), piece) for name, piece in pieces]
         kind = rest.rsplit(".", 1)[-1]  # weight | bias
         if kind == "bias" and not rest.endswith("layernorm.bias") and not self.bias:
             raise ValueError(f"{megatron_name}: the config has no linear biases (attention_bias=mlp_bias=False)")
@@ -320,6 +346,7 @@ def hf_config_from_megafusion(cfg) -> MegafusionConfig:
         timestep_embed_dim=m.timestep_embed_dim,
         patch_position_embedding=m.patch_position_embedding,
         modality_ffn=m.modality_ffn,
+        modality_attention=m.modality_attention,
         hide_noised_latents=m.hide_noised_latents,
         moe_num_experts=moe.num_experts or 0,
         moe_modalities=list(moe.modalities),
@@ -363,6 +390,7 @@ def _model_section(c: MegafusionConfig) -> dict:
         layernorm_epsilon=c.norm_eps, init_method_std=c.initializer_range, rotary_base=rotary,
         share_embeddings_and_output_weights=c.tie_word_embeddings, latent_channels=c.latent_channels,
         latent_size=c.latent_size, patch_size=c.patch_size, modality_ffn=c.modality_ffn,
+        modality_attention=c.modality_attention,
         timestep_embed_dim=c.timestep_embed_dim, patch_position_embedding=c.patch_position_embedding,
         hide_noised_latents=c.hide_noised_latents,
     )

@@ -75,6 +75,7 @@ class MegafusionConfig(PretrainedConfig):
         timestep_embed_dim: int = 256,
         patch_position_embedding: str = "none",
         modality_ffn: bool = True,
+        modality_attention: bool = False,
         hide_noised_latents: bool = False,
         moe_num_experts: int = 0,
         moe_modalities: Optional[List[str]] = None,
@@ -116,6 +117,7 @@ class MegafusionConfig(PretrainedConfig):
         self.timestep_embed_dim = int(timestep_embed_dim)
         self.patch_position_embedding = patch_position_embedding
         self.modality_ffn = bool(modality_ffn)
+        self.modality_attention = bool(modality_attention)
         self.hide_noised_latents = bool(hide_noised_latents)
         self.moe_num_experts = int(moe_num_experts or 0)
         self.moe_modalities = list(moe_modalities) if moe_modalities is not None else list(MOE_MODALITIES)

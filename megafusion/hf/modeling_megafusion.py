@@ -142,23 +142,58 @@ class MegafusionTimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def by_modality(x: torch.Tensor, rows: Tuple[torch.Tensor, torch.Tensor], text, image) -> torch.Tensor:
+    """[b, s, h] -> text(text rows) and image(latent rows) -> [b, s, o] (BAGEL's Mixture-of-Transformers)."""
+    b, s, h = x.shape
+    flat = x.reshape(b * s, h)
+    out = None
+    for fn, index in zip((text, image), rows):
+        if index.numel():
+            y = fn(flat.index_select(0, index))
+            out = flat.new_zeros(b * s, y.shape[-1]) if out is None else out
+            out = out.index_copy(0, index, y.to(out.dtype))
+    return out.view(b, s, -1)
+
+
+class MegafusionProjections(nn.Module):
+    """q, k, v and o projections (GQA: k and v have num_key_value_heads)."""
+
+    def __init__(self, config: MegafusionConfig):
+        super().__init__()
+        h, bias = config.hidden_size, config.attention_bias
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        self.q_proj, self.k_proj = nn.Linear(h, q, bias=bias), nn.Linear(h, kv, bias=bias)
+        self.v_proj, self.o_proj = nn.Linear(h, kv, bias=bias), nn.Linear(q, h, bias=bias)
+
+
 class MegafusionAttention(nn.Module):
+    """Shared projections (q_proj ... o_proj), or with modality_attention one set per modality (text.q_proj, ...,
+    image.o_proj) around the same attention."""
+
     def __init__(self, config: MegafusionConfig, layer_number: int):
         super().__init__()
         self.layer_number = layer_number  # 1-based, as megatron's
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        h, bias = config.hidden_size, config.attention_bias
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj, self.k_proj = nn.Linear(h, q, bias=bias), nn.Linear(h, kv, bias=bias)
-        self.v_proj, self.o_proj = nn.Linear(h, kv, bias=bias), nn.Linear(q, h, bias=bias)
+        self.per_modality = config.modality_attention
+        if self.per_modality:
+            self.text, self.image = MegafusionProjections(config), MegafusionProjections(config)
+        else:
+            shared = MegafusionProjections(config)
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (shared.q_proj, shared.k_proj, shared.v_proj,
+                                                                  shared.o_proj)
+
+    def _project(self, name: str, x: torch.Tensor, rows) -> torch.Tensor:
+        if not self.per_modality:
+            return getattr(self, name)(x)
+        return by_modality(x, rows, getattr(self.text, name), getattr(self.image, name))
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: Optional[torch.Tensor],
-                attention_hook: Optional[Callable] = None) -> torch.Tensor:
+                attention_hook: Optional[Callable] = None, rows=None) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = (proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (self._project(name, x, rows).view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for name in ("q_proj", "k_proj", "v_proj"))
         q, k = apply_rope(q, angles), apply_rope(k, angles)
         if attention_hook is not None:
             out = attention_hook(self.layer_number, q, k, v, self.scale)
@@ -168,7 +203,16 @@ class MegafusionAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return self._project("o_proj", out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim), rows)
+
+
+class MegafusionModalityNorm(nn.Module):
+    def __init__(self, config: MegafusionConfig):
+        super().__init__()
+        self.text, self.image = make_norm(config), make_norm(config)
+
+    def forward(self, x: torch.Tensor, rows) -> torch.Tensor:
+        return by_modality(x, rows, self.text, self.image)
 
 
 class MegafusionMLP(nn.Module):
@@ -250,16 +294,22 @@ class MegafusionModalityMLP(nn.Module):
 class MegafusionDecoderLayer(nn.Module):
     def __init__(self, config: MegafusionConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = make_norm(config)
+        norm = MegafusionModalityNorm if config.modality_attention else make_norm
+        self.per_modality_norms = config.modality_attention
+        self.input_layernorm = norm(config)
         self.self_attn = MegafusionAttention(config, layer_idx + 1)
-        self.post_attention_layernorm = make_norm(config)
+        self.post_attention_layernorm = norm(config)
         self.modality_ffn = config.modality_ffn
         self.mlp = MegafusionModalityMLP(config) if config.modality_ffn else build_ffn(config, None)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: Optional[torch.Tensor],
                 rows: Tuple[torch.Tensor, torch.Tensor], attention_hook: Optional[Callable] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), angles, mask, attention_hook)
-        normed = self.post_attention_layernorm(x)
+        if self.per_modality_norms:
+            x = x + self.self_attn(self.input_layernorm(x, rows), angles, mask, attention_hook, rows)
+            normed = self.post_attention_layernorm(x, rows)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), angles, mask, attention_hook)
+            normed = self.post_attention_layernorm(x)
         if not self.modality_ffn:
             return x + self.mlp(normed)
         b, s, h = normed.shape

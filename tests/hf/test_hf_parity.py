@@ -35,6 +35,9 @@ CASES = {
     "sincos2d": dict(patch_position_embedding="sincos2d"),
     "hide_noised": dict(hide_noised_latents=True),
     "segmented_backend": dict(attention_backend="segmented"),
+    "mixture_of_transformers": dict(modality_attention=True),
+    "mot_moe_gelu_layernorm": dict(modality_attention=True, moe=dict(MOE, modalities=["image"]), activation="gelu",
+                                   add_bias_linear=True, normalization="LayerNorm"),
 }
 
 
@@ -80,7 +83,8 @@ def test_hf_model_equals_megafusion(case):
     assert logits_diff <= TOL and velocity_diff <= TOL
 
 
-@pytest.mark.parametrize("case", ["modality_ffn_gqa", "moe_bias", "gelu_bias_layernorm", "tied_embeddings"])
+@pytest.mark.parametrize("case", ["modality_ffn_gqa", "moe_bias", "gelu_bias_layernorm", "tied_embeddings",
+                                  "mot_moe_gelu_layernorm"])
 def test_state_dict_round_trip_is_bit_identical(case):
     model = megafusion_model(**CASES[case])
     adapter = MegafusionStateDictAdapter(hf_config_from_megafusion(tiny_config(**CASES[case])))
@@ -166,7 +170,7 @@ def test_hf_model_trains():
     assert all(p.grad is not None for n, p in hf.named_parameters() if ".experts." not in n)
 
 
-@pytest.mark.parametrize("case", ["moe_top1", "gelu_bias_layernorm", "hide_noised"])
+@pytest.mark.parametrize("case", ["moe_top1", "gelu_bias_layernorm", "hide_noised", "mixture_of_transformers"])
 def test_config_overrides_round_trip(case):
     cfg = tiny_config(**CASES[case])
     hf_config = hf_config_from_megafusion(cfg)
