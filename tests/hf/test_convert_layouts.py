@@ -1,5 +1,6 @@
-"""A checkpoint saved with TP=2 x PP=2 (4 gloo processes), or with EP=2 (MoE, 2 processes), converts in one
-process to exactly the folder its single-process original converts to; and the exported folder loads with
+"""A checkpoint saved with TP=2 x PP=2 (4 gloo processes), with EP=2 (MoE, 2 processes) or with TP=2 (the
+Mixture-of-Transformers model) converts in one process to exactly the folder its single-process original
+converts to; and the exported folder loads with
 trust_remote_code in a process that cannot import megafusion, computing what megafusion computes."""
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def hf_tensors(path):
 @pytest.mark.parametrize("name,extra,layout,world", [
     ("tp2_pp2", [], ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 4),
     ("ep2", MOE, ["parallel.expert_model_parallel_size=2"], 2),
+    ("mot_tp2", ["model.modality_attention=true"], ["parallel.tensor_model_parallel_size=2"], 2),
 ])
 def test_a_parallel_checkpoint_converts_to_the_same_folder(tmp_path, name, extra, layout, world):
     from megafusion.hf.export import to_hf
@@ -89,8 +91,10 @@ def test_a_parallel_checkpoint_converts_to_the_same_folder(tmp_path, name, extra
     assert a.keys() == b.keys() and len(a) > 10
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    if extra:
+    if extra == MOE:
         assert "model.layers.1.mlp.image.experts.3.down_proj.weight" in a
+    if name == "mot_tp2":
+        assert "model.layers.1.self_attn.image.q_proj.weight" in a
 
 
 REMOTE = r"""
