@@ -15,7 +15,8 @@ from typing import List, Optional
 ATTENTION_BACKENDS = ("auto", "dense", "segmented", "flex", "te")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 MOE_MODALITIES = ("text", "image")
-MOE_LOAD_BALANCING = ("aux_loss", "none")
+MOE_LOAD_BALANCING = ("aux_loss", "global_aux_loss", "none")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")
 CAPTIONING_RULES = ("transfusion", "bagel")
 PATCH_POSITION_EMBEDDINGS = ("none", "sincos2d")
@@ -48,7 +49,10 @@ class MoEConfig:
     """Hidden size of one expert (--moe-ffn-hidden-size); None = the dense FFN width (model.ffn_hidden_size)."""
     router_load_balancing_type: str = "aux_loss"
     """aux_loss (Switch-Transformer load-balancing loss per micro-batch, added to the objective with
-    aux_loss_coeff and logged as moe_aux_loss) | none (--moe-router-load-balancing-type)."""
+    aux_loss_coeff and logged as moe_aux_loss) | global_aux_loss (the same loss over the token counts of all
+    data-parallel ranks, accumulated over the step's micro-batches) | none (--moe-router-load-balancing-type).
+    Megatron's seq_aux_loss is not offered: the modality FFN hands the router one modality's rows of a whole
+    micro-batch, which are not sequences, so a per-sequence balance has nothing to act on."""
     aux_loss_coeff: float = 1e-2
     """Weight of the load-balancing loss in the training objective (--moe-aux-loss-coeff)."""
     token_dispatcher_type: str = "alltoall"
@@ -56,6 +60,31 @@ class MoEConfig:
     grouped_gemm: bool = False
     """One grouped GEMM over a rank's experts (Transformer Engine's TEGroupedMLP, GPU; needs
     model.transformer_impl=transformer_engine); false = megatron's SequentialMLP, one GEMM per expert (CPU too)."""
+    shared_expert_intermediate_size: Optional[int] = None
+    """Hidden size of the shared expert every token of the modality also runs (--moe-shared-expert-intermediate-size,
+    DeepSeek-style; the sum of all shared experts' sizes); None = no shared expert."""
+    z_loss_coeff: Optional[float] = None
+    """Router z-loss weight (--moe-z-loss-coeff, ST-MoE: keeps router logits small; 1e-3 is a usual start);
+    None = off. Logged per modality and layer as moe/<modality>/z_loss."""
+    expert_capacity_factor: Optional[float] = None
+    """Tokens an expert takes, as a multiple of its even share of the micro-batch's tokens x topk
+    (--moe-expert-capacity-factor); tokens beyond it are dropped (counted as moe/<modality>/dropped_tokens).
+    None = no capacity (no dropping)."""
+    pad_expert_input_to_capacity: bool = False
+    """Pad every expert's input to its capacity (--moe-pad-expert-input-to-capacity; needs expert_capacity_factor)."""
+    token_drop_policy: str = "probs"
+    """Which tokens go when an expert is over capacity (--moe-token-drop-policy): probs (the lowest routing
+    probabilities) | position (the latest tokens)."""
+    router_dtype: Optional[str] = None
+    """Dtype of the router's logits and probabilities (--moe-router-dtype): fp32 | fp64 | None (the model's)."""
+    router_score_function: str = "softmax"
+    """softmax | sigmoid (--moe-router-score-function; sigmoid scores are renormalised over the top-k)."""
+    router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (--moe-router-enable-expert-bias, DeepSeek-V3): a per-expert bias added to the scores
+    for the top-k choice only, nudged after each step towards even loads by router_bias_update_rate (megatron's
+    finalize_model_grads does it). Needs router_score_function=sigmoid, as megatron requires."""
+    router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update (--moe-router-bias-update-rate)."""
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +106,23 @@ class MoEConfig:
         _choice(s, "router_load_balancing_type", self.router_load_balancing_type, MOE_LOAD_BALANCING)
         _check(self.aux_loss_coeff >= 0, f"{s}.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
         _choice(s, "token_dispatcher_type", self.token_dispatcher_type, MOE_DISPATCHERS)
+        _check(self.shared_expert_intermediate_size is None or self.shared_expert_intermediate_size > 0,
+               f"{s}.shared_expert_intermediate_size must be positive or null, got "
+               f"{self.shared_expert_intermediate_size}")
+        _check(self.z_loss_coeff is None or self.z_loss_coeff >= 0,
+               f"{s}.z_loss_coeff must be >= 0 or null, got {self.z_loss_coeff}")
+        _check(self.expert_capacity_factor is None or self.expert_capacity_factor > 0,
+               f"{s}.expert_capacity_factor must be positive or null (no capacity), got {self.expert_capacity_factor}")
+        _check(not self.pad_expert_input_to_capacity or self.expert_capacity_factor is not None,
+               f"{s}.pad_expert_input_to_capacity=true needs {s}.expert_capacity_factor")
+        _choice(s, "token_drop_policy", self.token_drop_policy, ("probs", "position"))
+        _check(self.router_dtype in (None, "fp32", "fp64"),
+               f"{s}.router_dtype={self.router_dtype!r} is not one of fp32, fp64, null")
+        _choice(s, "router_score_function", self.router_score_function, MOE_SCORE_FUNCTIONS)
+        _check(not self.router_enable_expert_bias or self.router_score_function == "sigmoid",
+               f"{s}.router_enable_expert_bias=true needs {s}.router_score_function=sigmoid (megatron-core's rule)")
+        _check(self.router_bias_update_rate > 0,
+               f"{s}.router_bias_update_rate must be positive, got {self.router_bias_update_rate}")
 
 
 @dataclass
@@ -402,9 +448,29 @@ class LoggingConfig:
     """Write TensorBoard events to <run_dir>/tb."""
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 bf16 dense on GPU, a GEMM measured at start-up on CPU."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project (Megatron-LM's --wandb-project): rank 0 logs the metrics.jsonl scalars there, with
+    the resolved config as the run's config; None = no W&B. Needs `pip install megafusion[wandb]`; WANDB_MODE=offline
+    writes the run under <run_dir>/wandb for a later `wandb sync`."""
+    wandb_run_name: Optional[str] = None
+    """W&B run name (--wandb-exp-name); None = the run folder's name. A resumed run continues the same W&B run (its
+    id is kept in <run_dir>/wandb_run_id)."""
+    wandb_entity: Optional[str] = None
+    """W&B entity, a user or team (--wandb-entity); None = the API key's default entity."""
 
     def __post_init__(self):
         _check(self.log_interval >= 1, "logging.log_interval must be >= 1")
+        for name in ("wandb_project", "wandb_run_name", "wandb_entity"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value.strip() != ""),
+                   f"logging.{name}={value!r} must be a non-empty name or null")
+        for name in ("wandb_run_name", "wandb_entity"):
+            _check(getattr(self, name) is None or self.wandb_project is not None,
+                   f"logging.{name} is set but logging.wandb_project is not: set logging.wandb_project=NAME to log "
+                   f"to W&B (or drop logging.{name})")
+        _check(self.wandb_project is None or "/" not in self.wandb_project,
+               f"logging.wandb_project={self.wandb_project!r} must not contain '/': put the team in "
+               f"logging.wandb_entity")
 
 
 @dataclass

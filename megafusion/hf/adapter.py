@@ -319,6 +319,16 @@ def hf_config_from_megafusion(cfg) -> MegafusionConfig:
     from megafusion.model.transformer_config import default_ffn_hidden_size, padded_vocab_size
 
     m = getattr(cfg, "model", cfg)
+    if m.moe.enabled:
+        unsupported = {"shared_expert_intermediate_size": m.moe.shared_expert_intermediate_size is not None,
+                       "expert_capacity_factor": m.moe.expert_capacity_factor is not None,
+                       "router_score_function": m.moe.router_score_function != "softmax",
+                       "router_enable_expert_bias": m.moe.router_enable_expert_bias}
+        named = [f"model.moe.{k}" for k, v in unsupported.items() if v]
+        if named:
+            raise ValueError(f"the Hugging Face model does not implement {', '.join(named)} yet (shared experts, "
+                             "capacity dropping, sigmoid scores and expert biases change what the model computes); "
+                             "this checkpoint cannot be exported")
     swiglu = m.activation == "swiglu"
     ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation)
     moe = m.moe

@@ -180,9 +180,14 @@ def _plan(adapter, state: Dict[str, torch.Tensor], dtype: torch.dtype):
     """HF tensors in adapter order with their sizes at `dtype`, and the megatron tensor each comes from."""
     size = torch.empty((), dtype=dtype).element_size()
     planned, source = [], {}
+    known = set(adapter.megatron_names())
     missing = [m for m in adapter.megatron_names() if m not in state]
-    if missing:
-        raise ValueError(f"the checkpoint's model lacks tensors the adapter expects: {', '.join(missing)}")
+    unmapped = sorted(m for m in state if m not in known)
+    if missing or unmapped:  # nothing is dropped silently
+        raise ValueError(f"the checkpoint's model and the Hugging Face mapping disagree: "
+                         f"{'missing ' + ', '.join(missing) if missing else ''}"
+                         f"{'; ' if missing and unmapped else ''}"
+                         f"{'without a Hugging Face name: ' + ', '.join(unmapped) if unmapped else ''}")
     for mname in adapter.megatron_names():
         for name, t in adapter.to_hf(mname, state[mname]).items():  # views or one transient copy
             planned.append(hf_folder.PlannedTensor(name, t.numel() * size))

@@ -38,18 +38,69 @@ LOAD_BALANCING_LOSS = "load_balancing_loss"  # megatron's tracker name of the au
 
 def aux_loss_tracker_name(modality: str) -> str:
     """Name under which `modality`'s routers record their load-balancing loss in megatron's MoE tracker."""
-    return f"{LOAD_BALANCING_LOSS}_{modality}"
+    return modality_loss_name(LOAD_BALANCING_LOSS, modality)
+
+
+def modality_loss_name(name: str, modality: str) -> str:
+    """Tracker name of one of megatron's router losses (load_balancing_loss, global_load_balancing_loss, z_loss)
+    for `modality`'s routers."""
+    return f"{name}_{modality}"
 
 
 class ModalityRouter(TopKRouter):
+    """megatron 0.16.1's TopKRouter that files its losses under its modality's names and counts, per micro-batch
+    in training, the tokens each expert took and the tokens capacity dropping removed (read and reset by
+    megafusion/training/moe_metrics.py). Padding rows count nowhere."""
+
     def __init__(self, config, pg_collection=None, *, modality: str):
         super().__init__(config=config, pg_collection=pg_collection)
         self.modality = modality
+        self._counts = None  # [experts + 1] on the router's device: tokens per expert, then dropped tokens
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, *args,
                                            **kwargs):
         return super().attach_and_log_load_balancing_loss(activation, aux_loss_coeff, aux_loss,
-                                                          f"{aux_loss_name}_{self.modality}", *args, **kwargs)
+                                                          modality_loss_name(aux_loss_name, self.modality), *args,
+                                                          **kwargs)
+
+    def apply_z_loss(self, logits, padding_mask=None):
+        """megatron's z-loss, its logged value moved from the shared "z_loss" entry to this modality's."""
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        before = tracker["z_loss"]["values"].clone() if "z_loss" in tracker else None
+        logits = super().apply_z_loss(logits, padding_mask=padding_mask)
+        if "z_loss" in tracker:
+            entry = tracker["z_loss"]
+            added = entry["values"] - (before if before is not None else 0)
+            name = modality_loss_name("z_loss", self.modality)
+            if name not in tracker:
+                tracker[name] = {**entry, "values": torch.zeros_like(entry["values"])}
+            tracker[name]["values"] += added
+            entry["values"] -= added
+        return logits
+
+    def routing(self, logits, padding_mask=None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.training:  # counted on the device: no host synchronisation per micro-batch
+            with torch.no_grad():
+                valid = torch.ones(routing_map.shape[0], dtype=torch.bool, device=routing_map.device)
+                if padding_mask is not None:
+                    valid = ~padding_mask.reshape(-1).to(routing_map.device)
+                per_expert = (routing_map & valid.unsqueeze(1)).sum(0).double()
+                dropped = valid.sum().double() * self.topk - per_expert.sum()
+                counts = torch.cat([per_expert, dropped.view(1)])
+                self._counts = counts if self._counts is None else self._counts + counts
+        return probs, routing_map
+
+    def take_counts(self) -> torch.Tensor:
+        """[experts + 1] float64: tokens each expert took since the last call, then the tokens dropped for
+        capacity (zeros when nothing was routed); resets them."""
+        counts = self._counts
+        self._counts = None
+        if counts is None:
+            return torch.zeros(self.config.num_moe_experts + 1, dtype=torch.float64)
+        return counts
 
 
 def rows_to_run(ffn, rows: int, layout, modality: int) -> int:

@@ -150,9 +150,18 @@ def moe_fields(moe: MoEConfig, ffn_hidden_size: int, transformer_impl: str) -> d
         moe_router_pre_softmax=moe.router_topk == 1,
         moe_ffn_hidden_size=moe.ffn_hidden_size or ffn_hidden_size,
         moe_router_load_balancing_type=balancing,
-        moe_aux_loss_coeff=moe.aux_loss_coeff if balancing == "aux_loss" else 0.0,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if balancing != "none" else 0.0,
         moe_token_dispatcher_type=moe.token_dispatcher_type,
         moe_grouped_gemm=moe.grouped_gemm,
+        moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_expert_capacity_factor=moe.expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
+        moe_token_drop_policy=moe.token_drop_policy,
+        moe_router_dtype=moe.router_dtype,
+        moe_router_score_function=moe.router_score_function,
+        moe_router_enable_expert_bias=moe.router_enable_expert_bias,
+        moe_router_bias_update_rate=moe.router_bias_update_rate,
     )
 
 

@@ -6,6 +6,8 @@
             -> loss weighting -> resume -> data -> metrics (steps after the resumed one dropped)
     step:   micro-batches (noised) -> forward_backward_func -> NaN guard -> clip + update -> LR + EMA -> log
             -> maybe evaluate -> maybe checkpoint -> agreed stop on SIGTERM/SIGUSR1 or the wall-clock budget
+    end:    rank 0 writes <run_dir>/last_exit.json (finished, or stopped and why), which launchers read
+            (training/exit_record.py; launch/common.sh requeues a SLURM job by it)
 
 A save that falls due on a step the NaN guard skipped (nan_policy=skip) is taken: the weights, optimizer, LR
 schedule and loss-weighting EMA are the last good step's, saved under the current step with the data position past
@@ -39,18 +41,21 @@ from megafusion.objectives import build_loss_weighting, reduce_for_weighting
 from megafusion.parallel.initialize import ParallelInfo, collective_device, destroy_parallel, initialize_parallel
 from megafusion.parallel.liveness import name_lost_peers
 from megafusion.parallel.wrapping import use_bf16, wrap_model
+from megafusion.training.exit_record import write_exit_record
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
 from megafusion.training.forward_step import average_reports, make_forward_step, noisy_microbatches
 from megafusion.training.metrics import MetricsWriter, format_line, resolve_peak_flops
-from megafusion.training.moe_metrics import MoEAuxLossMeter
+from megafusion.training.moe_metrics import MoEMeter
 from megafusion.training.nan_guard import NanGuard
 from megafusion.training.optimizer import build_lr_scheduler, build_optimizer
 from megafusion.training.run_folder import claim_run_folder
-from megafusion.training.signals import StopSignal
+from megafusion.training.signals import REQUESTED, StopSignal
 from megafusion.utils.files import ensure_writable_dir
 
 logger = logging.getLogger("megafusion.train")
 
+STOP_CAUSES = {"exit_interval": "training.exit_interval", "exit_duration": "training.exit_duration_minutes",
+               "signal": "a signal"}
 REPORT_KEYS = ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "text_tokens", "latent_tokens")
 
 
@@ -99,7 +104,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.model_config = self.model[0].config
         self.model_config.grad_scale_func = self.optimizer.scale_loss
-        self.moe_aux_loss = MoEAuxLossMeter(self.model_config, info.dp_size, info.device)
+        self.moe_meter = MoEMeter(self.model_config, self.model, info.dp_size, info.tp_size, info.device)
         mix = TokenMix.estimate(cfg, latent_fraction=0.5)
         self.flops_per_step = flops_per_step(build_transformer_config(cfg), mix)
         self.total_steps = t.train_steps if t.train_steps is not None else steps_from_flops_budget(
@@ -181,7 +186,7 @@ class Trainer:
         grad_norm = self.optimizer.get_grad_norm()
         local_losses = {k: r[k] for r in reports for k in ("loss_ce", "loss_fm", "loss")}
         values = self._global(reports)
-        values.update(self.moe_aux_loss.collect(len(batches)))
+        values.update(self.moe_meter.collect(len(batches)))
         self.state.step += 1
         self.state.consumed_samples += self.cfg.training.global_batch_size
         if self.guard.check(self.state.step, local_losses, grad_norm):
@@ -233,6 +238,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> List[Dict[str, float]]:
         cfg, records = self.cfg, []
+        start_step = self.state.step
         stop = StopSignal.install()
         tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
         deadline = None
@@ -261,14 +267,21 @@ class Trainer:
                     stop.request()  # agreed over ranks by should_stop, like a signal
                 if stop.should_stop() or planned_exit:
                     saved = self.save()
+                    # agreed by every rank: a timed-out rank's request() outranks any signal (signals.REQUESTED)
+                    reason = ("exit_interval" if planned_exit else
+                              "exit_duration" if stop.agreed_signal == REQUESTED else "signal")
                     if self.is_logger:
-                        reason = ("training.exit_interval" if planned_exit else
-                                  "training.exit_duration_minutes" if timed_out else "a signal")
-                        logger.info("stop requested by %s at step %d: %s; exiting", reason, step,
+                        logger.info("stop requested by %s at step %d: %s; exiting", STOP_CAUSES[reason], step,
                                     "checkpoint saved" if saved else "this step's checkpoint was already saved")
+                        write_exit_record(cfg.training.run_dir, reason=reason, step=step, start_step=start_step,
+                                          total_steps=self.total_steps, checkpoint_step=self.last_saved_step,
+                                          signal_number=stop.agreed_signal if reason == "signal" else None)
                     return records
             if cfg.checkpoint.save_at_end:
                 self.save()  # with training.train_steps=0 this writes the initial (seed) checkpoint
+            if self.is_logger:
+                write_exit_record(cfg.training.run_dir, reason="finished", step=self.state.step, start_step=start_step,
+                                  total_steps=self.total_steps, checkpoint_step=self.last_saved_step)
             return records
         finally:
             stop.uninstall()

@@ -7,7 +7,9 @@ from loop_harness import run_train, seed_checkpoint
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 KEYS = ("loss", "loss_ce", "loss_fm", "grad_norm")
-MOE_KEYS = KEYS + ("moe_aux_loss_text", "moe_aux_loss_image", "moe_aux_loss")
+MOE_KEYS = KEYS + ("moe_aux_loss_text", "moe_aux_loss_image", "moe_aux_loss", "moe/text/layer01/load_balancing_loss",
+                   "moe/image/layer00/tokens_per_expert_max", "moe/image/layer01/tokens_per_expert_min",
+                   "moe/text/layer00/tokens_per_expert_mean")
 # separate experts for text and image; a large coefficient so the balancing loss visibly shapes the gradients
 MOE = ["model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.ffn_hidden_size=32",
        "model.moe.aux_loss_coeff=0.1"]
@@ -29,6 +31,18 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe_reference(tmp_path_factory):
     return _reference(tmp_path_factory, "parity_moe", MOE)
+
+
+# what Megatron-LM users add: a shared expert, router z-loss, a capacity that drops tokens, an fp32 router
+MOE_OPTIONS = MOE + ["model.moe.shared_expert_intermediate_size=48", "model.moe.z_loss_coeff=0.01",
+                     "model.moe.expert_capacity_factor=0.75", "model.moe.router_dtype=fp32"]
+MOE_OPTION_KEYS = MOE_KEYS + ("moe/image/layer01/z_loss", "moe/text/layer00/dropped_tokens",
+                              "moe/image/layer01/dropped_tokens")
+
+
+@pytest.fixture(scope="module")
+def moe_options_reference(tmp_path_factory):
+    return _reference(tmp_path_factory, "parity_moe_options", MOE_OPTIONS)
 
 
 def _assert_same(reference, candidate, keys=KEYS, rel=1e-5):
@@ -62,7 +76,34 @@ def test_single_process_moe_logs_its_balancing_loss(moe_reference):
     _, _, single = moe_reference
     for r in single:  # the Switch loss is 1 for perfectly balanced routing and larger otherwise
         assert 1.0 <= r["moe_aux_loss_text"] < 2.0 and 1.0 <= r["moe_aux_loss_image"] < 2.0
+        for m in ("text", "image"):
+            layers = [r[f"moe/{m}/layer{n:02d}/load_balancing_loss"] for n in range(2)]
+            assert sum(layers) / 2 == pytest.approx(r[f"moe_aux_loss_{m}"])
+            assert r[f"moe/{m}/layer00/dropped_tokens"] == 0 and "moe/text/layer00/z_loss" not in r
+            low, mean, high = (r[f"moe/{m}/layer01/tokens_per_expert_{k}"] for k in ("min", "mean", "max"))
+            assert low <= mean <= high and mean > 0
+            # every layer routes the same rows, each to topk = 2 of the 4 experts (an even count)
+            totals = [4 * r[f"moe/{m}/layer{n:02d}/tokens_per_expert_mean"] for n in range(2)]
+            assert totals[0] == pytest.approx(totals[1]) and round(totals[0]) % 2 == 0
     assert single[0]["loss"] != single[-1]["loss"]
+
+
+def test_moe_options_are_applied_and_logged(moe_options_reference):
+    _, _, single = moe_options_reference
+    for r in single:
+        for m in ("text", "image"):
+            routed = []
+            for n in range(2):
+                key = f"moe/{m}/layer{n:02d}"
+                assert r[f"{key}/z_loss"] > 0 and r[f"{key}/dropped_tokens"] > 0  # capacity 0.75 < 1 drops
+                routed.append(4 * r[f"{key}/tokens_per_expert_mean"] + r[f"{key}/dropped_tokens"])
+            assert routed[0] == pytest.approx(routed[1])  # taken + dropped = the same rows x topk in every layer
+
+
+def test_expert_parallel_with_moe_options_matches_single_process(moe_options_reference):
+    tmp, common, single = moe_options_reference
+    _assert_same(single, run_train(tmp, "ep2_options", common + ["parallel.expert_model_parallel_size=2"],
+                                   world_size=2), MOE_OPTION_KEYS)
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
