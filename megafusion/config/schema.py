@@ -522,9 +522,7 @@ class Config:
             return
         _check(moe.num_experts % ep == 0, f"model.moe.num_experts={moe.num_experts} is not divisible by "
                f"parallel.expert_model_parallel_size={ep}")
-        # megatron's MoE layer wants TP > 1 with sequence parallelism (each TP rank routes its own slice of the
-        # tokens); the modality FFN hands its submodules the whole gathered sequence, so every TP rank would
-        # route the same tokens.
-        _check(tp == 1, f"model.moe with parallel.tensor_model_parallel_size={tp} is not supported yet (the modality "
-               "FFN gives MoE layers the whole sequence on every tensor-parallel rank); scale MoE models with "
-               "parallel.expert_model_parallel_size, data and pipeline parallelism")
+        # megatron-core: biases of TP-sharded experts (expert tensor parallel size = TP) are not supported
+        _check(tp == 1 or not self.model.add_bias_linear,
+               f"model.moe with parallel.tensor_model_parallel_size={tp} and model.add_bias_linear=true: megatron-core "
+               "supports expert biases only without expert tensor parallelism; set model.add_bias_linear=false")

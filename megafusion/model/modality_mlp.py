@@ -20,6 +20,15 @@ in generation, `layout.inference` set, where every rank skips the same empty bra
 MoE layers may get more padding rows (megafusion/model/moe.py rows_to_run: megatron's router cannot reshape an
 empty batch, its allgather dispatcher needs equal row counts on every expert-parallel rank).
 
+MoE under tensor parallelism: megatron's MoE layer is built for sequence parallelism, where each TP rank routes its
+own tokens, the dispatcher gathers them over the (expert-)TP group for the TP-sharded experts and reduce-scatters
+the outputs back. So a modality's MoE layer is built with sequence_parallel=True and given this rank's equal share
+of the modality's rows (padded to a multiple of TP; backward all-gathers the input gradient), and the shares'
+outputs are all-gathered (backward keeps this rank's share). The router's weight gradient is then a partial sum
+over TP ranks, which megatron's finalize_model_grads sums only when the model itself is sequence parallel: such
+parameters are marked `tp_partial_grad`, and megafusion's finalize step (megafusion/parallel/wrapping.py) sums
+them over TP.
+
 Sequence parallelism: a rank holds [s/tp, b, h], and the modality rows of its slice differ in number from the
 other ranks', which megatron's sequence-parallel linears (equal-sized all-gathers) cannot take. So the whole
 sequence is gathered first (backward: keep this rank's slice), the submodules run as plain tensor-parallel FFNs
@@ -80,12 +89,24 @@ class ModalityMLP(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.tp_group = pg_collection.tp
-        inner = config
+        self.tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        dense = config
         if config.sequence_parallel:  # the submodules see the gathered sequence (module docstring)
-            inner = copy.copy(config)
-            inner.sequence_parallel = False
-        self.text = build_module(submodules.text, config=inner, **_mlp_kwargs(submodules.text, pg_collection))
-        self.image = build_module(submodules.image, config=inner, **_mlp_kwargs(submodules.image, pg_collection))
+            dense = copy.copy(config)
+            dense.sequence_parallel = False
+        # MoE under TP runs as megatron's sequence-parallel MoE on this rank's share of the rows (docstring)
+        moe = config
+        if self.tp_size > 1 and not config.sequence_parallel:
+            moe = copy.copy(config)
+            moe.sequence_parallel = True
+        for name in ("text", "image"):
+            spec = getattr(submodules, name)
+            inner = moe if _is_moe(spec) else dense
+            setattr(self, name, build_module(spec, config=inner, **_mlp_kwargs(spec, pg_collection)))
+            if _is_moe(spec) and self.tp_size > 1:
+                for param in getattr(self, name).parameters():
+                    if getattr(param, "sequence_parallel", False):  # the router: a sum over TP ranks' shares
+                        param.tp_partial_grad = True
 
     def set_layer_number(self, layer_number: int) -> None:
         """Forwarded to submodules that track it (megatron's MoE layer)."""
@@ -127,20 +148,38 @@ class ModalityMLP(MegatronModule):
                 # collective needs the empty branch; skipping it halves a decode step's FFN weight reads
                 outputs.append(flat.new_zeros(0, h))
                 continue
-            extra = rows_to_run(module, n, layout, modality) - n
+            share = self.tp_size > 1 and _is_moe(module)
+            total = rows_to_run(module, n, layout, modality)
+            if share:  # equal shares for every TP rank
+                total = -(-total // self.tp_size) * self.tp_size
+            extra = total - n
             if extra:  # padding rows for MoE dispatch (megafusion/model/moe.py); their outputs are dropped below
                 x = torch.cat([x, x.new_zeros(extra, h)])
                 padding = torch.cat([padding, padding.new_ones(extra)])
+            if share:  # this rank's share; backward all-gathers the shares' input gradients
+                x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
+                padding = padding.view(self.tp_size, -1)[self.tp_group.rank()]
             with without_router_losses(module) if n == 0 else contextlib.nullcontext():
                 out, bias = module(x.unsqueeze(0), padding_mask=padding.unsqueeze(1))  # [1, n, h]: n one-token seqs
             if bias is not None:
                 out = out + bias
-            outputs.append(out.reshape(-1, out.shape[-1])[:n])
+            out = out.reshape(-1, out.shape[-1])
+            if share:  # every rank's outputs; backward keeps this rank's share of the (replicated) gradient
+                out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False,
+                                                                           group=self.tp_group)
+            outputs.append(out[:n])
         # one gather puts the concatenated branch outputs back in [s*b] order
         merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout)).view(s, b, -1)
         if self.config.sequence_parallel:
             merged = tensor_parallel.scatter_to_sequence_parallel_region(merged, group=self.tp_group)
         return merged, None
+
+
+def _is_moe(spec_or_module) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    module = spec_or_module.module if isinstance(spec_or_module, ModuleSpec) else spec_or_module
+    return isinstance(module, MoELayer) or (isinstance(module, type) and issubclass(module, MoELayer))
 
 
 def _row_padding(layout: AttentionLayout, modality: int) -> torch.Tensor:

@@ -80,6 +80,14 @@ class ModalityRouter(TopKRouter):
             entry["values"] -= added
         return logits
 
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        """megatron-core 0.16.1's TopKRouter._apply_expert_bias masks the [tokens, experts] routing map with the
+        flattened [tokens] padding mask, which does not broadcast (every MoE layer with expert bias and a padding
+        mask fails); the mask is handed over as [tokens, 1]."""
+        if padding_mask is not None and padding_mask.dim() == 1:
+            padding_mask = padding_mask.unsqueeze(-1)
+        return super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
+
     def routing(self, logits, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training:  # counted on the device: no host synchronisation per micro-batch

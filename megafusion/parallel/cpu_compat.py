@@ -67,6 +67,14 @@ Adaptations (megatron-core 0.16.1):
      `_coalescing_manager` yields a completed handle (the ops inside ran one by one). Asynchronous calls
      (overlap_grad_reduce / overlap_param_gather) and larger groups go to the originals.
 
+  H. Uneven first-dimension collectives on gloo: tensor_parallel/mappings.py _gather_along_first_dim /
+     _reduce_scatter_along_first_dim with output_split_sizes / input_split_sizes (the alltoall MoE dispatcher's
+     gathers over the expert-tensor-parallel group when TP and EP are both > 1: each rank holds a different number
+     of tokens) call torch.distributed.all_gather / reduce_scatter with lists of unequal tensors, which gloo
+     rejects. For gloo groups of more than one rank they are redirected to an equal-size all_gather of padded
+     shares (then cut) and to an all_reduce of the whole input (then this rank's slice): the same values.
+     Equal splits and NCCL go to the originals.
+
 Known limits on CPU: flex_attention has no CPU backward. (Sequence parallelism needs norms that mark their
 parameters for megatron's TP gradient all-reduce; megafusion's local norm does, megafusion/model/norm.py.)
 """
@@ -462,6 +470,47 @@ def _patch_single_rank_buffer_collectives() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# H. Uneven first-dimension gathers / reduce-scatters on gloo
+
+
+def _gloo(group) -> bool:
+    return group is not None and torch.distributed.get_backend(group) == "gloo"
+
+
+def _patch_uneven_sequence_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    @functools.wraps(gather)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or not _gloo(group) or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        width = max(sizes)
+        padded = input_.new_zeros((width,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((width * group.size(),) + tuple(input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * width:r * width + n] for r, n in enumerate(sizes)])
+
+    @functools.wraps(scatter)
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or not _gloo(group) or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start:start + sizes[group.rank()]].contiguous()
+
+    for name, replacement in (("_gather_along_first_dim", gather_along_first_dim),
+                              ("_reduce_scatter_along_first_dim", reduce_scatter_along_first_dim)):
+        _STATE["restore"].append(functools.partial(setattr, mappings, name, getattr(mappings, name)))
+        setattr(mappings, name, replacement)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def cpu_compat_enabled() -> bool:
@@ -469,7 +518,7 @@ def cpu_compat_enabled() -> bool:
 
 
 def enable_cpu_compat(force: bool = False) -> bool:
-    """Install adaptations A-G (see the module header). Idempotent. Returns True when they are active; on a machine
+    """Install adaptations A-H (see the module header). Idempotent. Returns True when they are active; on a machine
     with CUDA (and force=False) it does nothing and returns False."""
     if _STATE["enabled"]:
         return True
@@ -484,6 +533,7 @@ def enable_cpu_compat(force: bool = False) -> bool:
     _patch_optimizers()
     _patch_pipeline_p2p()
     _patch_single_rank_buffer_collectives()
+    _patch_uneven_sequence_collectives()
     fill_missing_te_names()
     mode = CudaToCpuMode()
     mode.__enter__()

@@ -106,4 +106,32 @@ def configure_schedule_hooks(model_chunks: List[MegatronModule]) -> None:
     if getattr(model_chunks[0], "ddp_config", None) is not None and model_chunks[0].ddp_config.overlap_grad_reduce:
         sync = [chunk.start_grad_sync for chunk in model_chunks]
         config.grad_sync_func = sync[0] if len(sync) == 1 else sync
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_with_partial_grads
+
+
+def finalize_with_partial_grads(model, num_tokens=None, pg_collection=None, **kwargs):
+    """megatron's finalize_model_grads, then a sum over the tensor-parallel group of the gradients megafusion
+    marks `tp_partial_grad` (an MoE router under TP sees only this rank's share of its modality's rows,
+    megafusion/model/modality_mlp.py; megatron sums such gradients itself only when the model is sequence
+    parallel). One flattened all-reduce; nothing happens at TP = 1."""
+    finalize_model_grads(model, num_tokens=num_tokens, pg_collection=pg_collection, **kwargs)
+    if ps.get_tensor_model_parallel_world_size() <= 1:
+        return
+    config = model[0].config
+    if config.sequence_parallel:  # megatron already summed them (they also carry sequence_parallel=True)
+        return
+    grads = []
+    for chunk in model:
+        for param in chunk.parameters():
+            if getattr(param, "tp_partial_grad", False) and param.requires_grad:
+                grad = getattr(param, "main_grad", None)
+                grads.append(grad if grad is not None else param.grad)
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors([g.data for g in grads])
+    torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, [g.data for g in grads])):
+        g.data.copy_(synced)

@@ -16,8 +16,8 @@ removed (megafusion/model/moe.py). Once per step, on every rank:
     moe/<modality>/layerNN/dropped_tokens                    tokens removed by expert capacity in the step
 
 (global_aux_loss balancing is logged under the same names.) All per-rank numbers form one vector reduced over
-the whole world (pipeline stages hold different layers; tensor-parallel replicas are divided out), so every
-rank enters the same collective whether or not its routers ran; then the tracker and the counts are cleared.
+the whole world (pipeline stages hold different layers; under tensor parallelism each rank routes and records
+its own share of a modality's rows, so TP ranks add up), so every rank enters the same collective whether or not its routers ran; then the tracker and the counts are cleared.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class MoEMeter:
                 if entry is not None:
                     vec[o + k * L:o + (k + 1) * L] = entry["values"][:L].to(vec)
         for router in self.routers:
-            counts = router.take_counts().to(vec) / self.tp_size  # TP replicas route the same rows
+            counts = router.take_counts().to(vec)  # under TP each rank routes its own share of the rows
             o, layer = offset[router.modality], router.layer_number - 1
             vec[o + 2 * L + layer * E:o + 2 * L + (layer + 1) * E] += counts[:E]
             vec[o + 2 * L + L * E + layer] += counts[E]
@@ -78,7 +78,8 @@ class MoEMeter:
         clear_aux_losses_tracker()
         vec = vec.cpu()
         values: Dict[str, float] = {}
-        per_step = self.dp_size * self.tp_size * num_microbatches  # every rank of a DP group recorded its losses
+        # mean over micro-batches and DP ranks; under TP each rank recorded the part of its share of the rows
+        per_step = self.dp_size * num_microbatches
         for m in self.modalities:
             o = offset[m]
             aux = vec[o:o + L] / per_step

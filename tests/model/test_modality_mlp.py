@@ -208,3 +208,22 @@ def test_balancing_loss_reaches_router_gradients(balancing, coeff):
 
 
 _GRAD_PER_COEFF = {}
+
+
+def test_aux_loss_free_expert_bias_moves_towards_even_loads():
+    """model.moe.router_enable_expert_bias: the routers count their tokens per expert in training, and megatron's
+    update (what finalize_model_grads runs after every step) raises the bias of under-loaded experts."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    config = make_config(moe=moe(router_score_function="sigmoid", router_enable_expert_bias=True,
+                                 router_load_balancing_type="none", router_bias_update_rate=0.1))
+    mlp = build_mlp(config).train()
+    layout = make_layout(config)
+    hidden = torch.randn(layout.seq_length, layout.batch_size, config.hidden_size)
+    mlp(hidden, padding_mask=layout)[0].sum().backward()
+    router = mlp.image.router
+    counts = router.local_tokens_per_expert.clone()
+    assert counts.sum() > 0 and torch.equal(router.expert_bias, torch.zeros_like(router.expert_bias))
+    _update_router_expert_bias([mlp], config)
+    bias = router.expert_bias
+    assert (bias[counts < counts.mean()] > 0).all() and (bias[counts > counts.mean()] < 0).all()

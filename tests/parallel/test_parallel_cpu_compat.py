@@ -292,3 +292,43 @@ def test_single_rank_gloo_buffer_collectives_are_identities(one_rank):
     assert work is not None
     work.wait()
     assert torch.equal(gathered, data)
+
+
+def _uneven_collectives(rank, world_size, out_dir):
+    """Adaptation H on 2 gloo ranks: rank r holds r + 2 rows of value r + 1."""
+    import json
+    import os
+
+    from megatron.core.tensor_parallel import mappings
+
+    assert cpu_compat.enable_cpu_compat()
+    group = dist.group.WORLD
+    sizes = [2, 3]
+    mine = torch.full((sizes[rank], 4), float(rank + 1))
+    gathered = mappings._gather_along_first_dim(mine, group, output_split_sizes=sizes)
+    full = torch.arange(5 * 4, dtype=torch.float32).view(5, 4) * (rank + 1)
+    scattered = mappings._reduce_scatter_along_first_dim(full, group, input_split_sizes=sizes)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"gathered": gathered.tolist(), "scattered": scattered.tolist()}, f)
+
+
+def test_uneven_first_dim_collectives_on_gloo(tmp_path):
+    """megatron-core 0.16.1's gather / reduce-scatter with split sizes (the alltoall MoE dispatcher at TP > 1 and
+    EP > 1) give the values NCCL would on gloo."""
+    import inspect
+    import json
+
+    from megatron.core.tensor_parallel import mappings
+
+    from distributed import run_distributed
+
+    for name, split in (("_gather_along_first_dim", "output_split_sizes"),
+                        ("_reduce_scatter_along_first_dim", "input_split_sizes")):
+        assert split in inspect.signature(getattr(mappings, name)).parameters  # the shape adaptation H targets
+    run_distributed(_uneven_collectives, world_size=2, args=(str(tmp_path),))
+    expected_gather = [[1.0] * 4] * 2 + [[2.0] * 4] * 3
+    full = torch.arange(20, dtype=torch.float32).view(5, 4) * 3  # summed over ranks (x1 + x2)
+    for rank, rows in ((0, slice(0, 2)), (1, slice(2, 5))):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["gathered"] == expected_gather
+        assert got["scattered"] == full[rows].tolist()

@@ -100,6 +100,18 @@ def test_moe_options_are_applied_and_logged(moe_options_reference):
             assert routed[0] == pytest.approx(routed[1])  # taken + dropped = the same rows x topk in every layer
 
 
+@pytest.mark.parametrize("name, layout, world", [
+    ("tp2_moe", ["parallel.tensor_model_parallel_size=2"], 2),
+    ("tp2_sp_moe", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2),
+    ("tp2_ep2_moe", ["parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2"], 4),
+])
+def test_moe_with_tensor_parallelism_matches_single_process(moe_reference, name, layout, world):
+    """Each TP rank routes its share of a modality's rows through megatron's sequence-parallel MoE (TP-sharded
+    experts, the router's gradient summed over TP)."""
+    tmp, common, single = moe_reference
+    _assert_same(single, run_train(tmp, name, common + layout, world_size=world), MOE_KEYS)
+
+
 def test_expert_parallel_with_moe_options_matches_single_process(moe_options_reference):
     tmp, common, single = moe_options_reference
     _assert_same(single, run_train(tmp, "ep2_options", common + ["parallel.expert_model_parallel_size=2"],
