@@ -4,7 +4,8 @@ the same architecture on the same batch, alternated in one run; MFU against a GE
 The reference (ReferenceModel below) is written with nn.Linear / nn.RMSNorm / SDPA: token + patch + flow-time
 embeddings, RoPE, grouped-query attention with the same mask rule (causal, bidirectional in a visual block, documents
 isolated), a per-modality SwiGLU FFN, final norm, LM head and velocity head. Before timing, the megafusion weights
-are copied into it and the two losses must agree, so both sides compute the same function.
+are copied into it and the two losses must agree, so both sides compute the same function. The reference also runs
+on CUDA under bf16 autocast (benchmarks/gpu_train.py reuses it).
 
     python benchmarks/train_step.py [--steps 8] [--backend dense|segmented] [--threads 1] [--profile]
 
@@ -50,14 +51,14 @@ def reference_mask(batch) -> torch.Tensor:
     """[b, 1, s, s] bool: causal, or same visual block; keys of the query's document context only; padding sees
     itself."""
     b, s = batch.tokens.shape
-    pos = torch.arange(s)
+    pos = torch.arange(s, device=batch.tokens.device)
     block = batch.block_ids
     same_block = (block[:, :, None] >= 0) & (block[:, :, None] == block[:, None, :])
     allowed = (pos[None, None, :] <= pos[None, :, None]) | same_block
     allowed &= pos[None, None, :] >= batch.context_start[:, :, None]
     valid = batch.document_ids >= 0
     allowed &= valid[:, None, :]
-    allowed = torch.where(valid[:, :, None], allowed, torch.eye(s, dtype=torch.bool)[None])
+    allowed = torch.where(valid[:, :, None], allowed, torch.eye(s, dtype=torch.bool, device=pos.device)[None])
     return allowed[:, None]
 
 
@@ -89,13 +90,17 @@ class ReferenceLayer(nn.Module):
         q, k, v = qkv.split([per_group * self.hd, self.hd, self.hd], dim=-1)
         q = q.reshape(b, s, self.heads, self.hd).transpose(1, 2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 under autocast (GPU), a no-op in fp32
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=per_group > 1)
+        gqa = per_group > 1
+        if gqa and q.is_cuda:  # CUDA's memory-efficient kernel takes the mask but not GQA: expand K, V instead
+            k, v, gqa = k.repeat_interleave(per_group, 1), v.repeat_interleave(per_group, 1), False
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
         h = self.ln2(x).reshape(b * s, d)
         out = torch.empty_like(h)
         for ffn, idx in zip(self.ffn, rows):
-            out[idx] = ffn(h[idx])
+            out[idx] = ffn(h[idx]).to(out.dtype)
         return x + out.view(b, s, d)
 
 
@@ -117,7 +122,7 @@ class ReferenceModel(nn.Module):
 
     def timestep(self, t):
         half = self.config.timestep_embed_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         ang = 1000.0 * t[:, None] * freqs[None]
         return self.t2(F.silu(self.t1(torch.cat([ang.cos(), ang.sin()], -1))))
 
@@ -128,8 +133,9 @@ class ReferenceModel(nn.Module):
         rows = [torch.nonzero(~image).flatten(), latent_idx]
         noised = batch.noised.reshape(-1)[latent_idx].float()[:, None]
         lat = self.patch(batch.noisy_latents) + self.timestep(batch.latent_t) * noised
-        x = self.embed(batch.tokens).reshape(b * s, -1).index_copy(0, latent_idx, lat).view(b, s, -1)
-        angles = rope_angles(s, self.layers[0].hd, self.config.rotary_base)
+        x = self.embed(batch.tokens).reshape(b * s, -1)
+        x = x.index_copy(0, latent_idx, lat.to(x.dtype)).view(b, s, -1)
+        angles = rope_angles(s, self.layers[0].hd, self.config.rotary_base).to(x.device)
         cos, sin = angles.cos(), angles.sin()
         mask = reference_mask(batch)
         for layer in self.layers:

@@ -131,7 +131,8 @@ class Trainer:
         self.forward_step = make_forward_step(self.weighting)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else None
         self.is_logger = info.rank == 0
-        self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard, resume_step=self.state.step)
+        self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard, resume_step=self.state.step,
+                                     config=cfg)
         if self.metrics.dropped:
             logger.info("metrics.jsonl: dropped %d line(s) after step %d, logged by an earlier run that this run "
                         "redoes", self.metrics.dropped, self.state.step)

@@ -1,4 +1,5 @@
-"""Training metrics: throughput, MFU, and the three sinks (a human line, <run_dir>/metrics.jsonl, TensorBoard).
+"""Training metrics: throughput, MFU, and the sinks (a human line, <run_dir>/metrics.jsonl, TensorBoard, and
+Weights & Biases when logging.wandb_project is set: training/wandb_sink.py, the same scalars at the same steps).
 
 Only rank 0 writes. MFU = achieved model FLOP/s per device / peak FLOP/s per device, where the peak is
 logging.peak_flops if set, else H100 bf16 dense (989 TFLOP/s) on GPU, else a GEMM measured once at start-up on
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -74,12 +76,15 @@ def drop_steps_after(path: str, step: int) -> int:
 
 
 class MetricsWriter:
-    """Rank 0's metrics.jsonl and TensorBoard writer; `resume_step` is the step the run starts from."""
+    """Rank 0's metrics.jsonl, TensorBoard and W&B writer; `resume_step` is the step the run starts from.
+    `config`: the run's Config, for W&B (its logging.wandb_project turns W&B on; the whole tree is the W&B run's
+    config); None: no W&B."""
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0, config=None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
+        self._wandb = None
         self.dropped = 0
         """Lines of an earlier run's metrics.jsonl dropped because this run redoes (or replaces) their steps."""
         if not enabled:
@@ -94,6 +99,10 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
             except ImportError as e:  # tensorboard is a declared dependency; say so if it is missing
                 raise ImportError("logging.tensorboard=true needs `pip install tensorboard` (or set it false)") from e
+        if config is not None and config.logging.wandb_project:
+            from megafusion.training.wandb_sink import WandbSink
+
+            self._wandb = WandbSink.open(config, run_dir)
 
     def write(self, step: int, values: Dict[str, float]) -> None:
         if not self.enabled:
@@ -104,6 +113,8 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, record)
 
     def close(self) -> None:
         if not self.enabled:
@@ -111,6 +122,9 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close(exit_code=1 if sys.exc_info()[1] is not None else 0)  # closed while an error unwinds
+            self._wandb = None
 
 
 def _plain(value):

@@ -12,7 +12,8 @@ then saves a checkpoint and exits with status 0:
             save_checkpoint(...); break
     stop.uninstall()
 
-`should_stop` costs one all-reduce of one number per call; the loop may call it every N steps instead, as long as
+`should_stop` costs one all-reduce of one number per call (the signal number, so every rank also agrees on which
+signal it was: `agreed_signal`); the loop may call it every N steps instead, as long as
 every rank uses the same N. A second SIGTERM / SIGUSR1 while a stop is pending is only recorded again (it never
 kills the process mid-checkpoint); the scheduler's hard kill (SIGKILL) is what the atomic checkpoint publication
 guards against. Ctrl-C (SIGINT) stops like SIGTERM the first time; the second one aborts at once, without saving
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 GRACE_S = 3.0  # after a stop signal, how long the step may run on before the watchdog probes the peers
 MAX_PROBE_INTERVAL_S = 30.0
+REQUESTED = 65  # not a signal number (those end at 64): a stop asked for by code, `StopSignal.request()`
 
 
 class StopSignal:
@@ -63,8 +65,15 @@ class StopSignal:
         self.received: Optional[int] = None
         """The last signal number received by this process (None: none yet)."""
         self.received_at: Optional[float] = None
+        self.signalled: Optional[int] = None
+        """The last signal number this process really received (request() leaves it None)."""
         self.acted = False
         """should_stop has returned True: the loop is stopping (saving), the watchdog leaves it alone."""
+        self.agreed_signal: Optional[int] = None
+        """Once should_stop returned True: the highest signal number any rank received, or REQUESTED when the stop
+        was asked for by code (request(): the wall-clock budget), which outranks every signal; every rank holds the
+        same value. Launchers tell a save-and-requeue (SIGUSR1) from a cancellation (SIGTERM) by it
+        (training/exit_record.py)."""
         self._lock = threading.RLock()
         self._previous: Dict[int, object] = {}
         self._watchdog: Optional[_Watchdog] = None
@@ -97,7 +106,7 @@ class StopSignal:
     def _record(self, signum: int) -> None:
         with self._lock:
             first = self.received is None
-            self.received = signum
+            self.received = self.signalled = signum
             if first:
                 self.received_at = time.time()
         if first:
@@ -123,13 +132,19 @@ class StopSignal:
         Without an initialised process group this is the local flag."""
         local = self.requested_locally
         if not dist.is_initialized():
+            if local:
+                self.agreed_signal = self.signalled or REQUESTED
             self.acted = self.acted or local
             return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=collective_device(group))
+        # The signal number itself (0: none) is reduced, so every rank also agrees on which signal stopped it.
+        code = self.signalled or (REQUESTED if local else 0)
+        flag = torch.tensor([code], dtype=torch.int32, device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         agreed = bool(flag.item())
-        if agreed and not local:
-            logger.warning("another rank received a stop signal: stopping at this step")
+        if agreed:
+            self.agreed_signal = int(flag.item())
+            if not local:
+                logger.warning("another rank received a stop signal: stopping at this step")
         self.acted = self.acted or agreed
         return agreed
 

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from distributed import run_distributed
-from megafusion.training.signals import StopSignal
+from megafusion.training.signals import REQUESTED, StopSignal
 
 
 def test_handler_records_and_uninstall_restores():
@@ -27,6 +27,17 @@ def test_request_from_code():
     assert not stop.requested_locally
     stop.request()
     assert stop.should_stop()
+    assert stop.agreed_signal == REQUESTED  # told apart from a signal (training.exit_duration_minutes)
+
+
+def test_agreed_signal_names_the_signal():
+    stop = StopSignal.install()
+    try:
+        assert stop.agreed_signal is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop() and stop.agreed_signal == signal.SIGUSR1
+    finally:
+        stop.uninstall()
 
 
 def _stop_worker(rank, world_size, out_dir):
@@ -43,7 +54,8 @@ def _stop_worker(rank, world_size, out_dir):
             break
     stop.uninstall()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"stopped_at": stopped_at, "local": stop.requested_locally, "seen": seen}, f)
+        json.dump({"stopped_at": stopped_at, "local": stop.requested_locally, "seen": seen,
+                   "agreed_signal": stop.agreed_signal}, f)
 
 
 @pytest.mark.distributed
@@ -53,3 +65,4 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
     assert r0["stopped_at"] == r1["stopped_at"] == 3
     assert r0["seen"] == r1["seen"] == [False, False, False, True]
     assert r1["local"] and not r0["local"]  # rank 0 never got the signal, yet stopped with rank 1
+    assert r0["agreed_signal"] == r1["agreed_signal"] == signal.SIGTERM  # and knows which signal it was
