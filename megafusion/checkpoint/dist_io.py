@@ -154,8 +154,18 @@ def _optimizer_metadata(fmt: str) -> dict:
     return metadata
 
 
+def expert_optimizer_split_changes(saved: ParallelLayout, current: ParallelLayout) -> bool:
+    """megatron-core 0.16.1 gives expert parameters an optimizer of their own (a ChainedOptimizer of two) only when
+    expert_model_parallel_size > 1 (their `allreduce` flag, tensor_parallel/layers.py and moe/experts.py), and its
+    ChainedOptimizer.load_state_dict needs the saved number of optimizers: state saved at EP = 1 does not load at
+    EP > 1, nor the other way (EP 2 <-> 4 does)."""
+    return (saved.ep > 1) != (current.ep > 1)
+
+
 def optimizer_reshardable(fmt: Optional[str], saved: ParallelLayout, current: ParallelLayout) -> bool:
     """Whether optimizer state saved in format `fmt` under `saved` loads into `current`."""
+    if fmt is not None and expert_optimizer_split_changes(saved, current):
+        return False
     if fmt is None or _is_param_space(fmt):
         return True
     sharding = fmt[len(DISTRIBUTED_PREFIX):]
@@ -170,6 +180,13 @@ def check_optimizer_layout(fmt: Optional[str], saved: ParallelLayout, current: P
     """Raise CheckpointLayoutError (before anything is loaded) when the optimizer state cannot be resharded."""
     if optimizer_reshardable(fmt, saved, current):
         return
+    if expert_optimizer_split_changes(saved, current):
+        raise CheckpointLayoutError(
+            f"checkpoint {folder} was saved with layout {saved.describe()}, this run's is {current.describe()}: "
+            f"megatron-core keeps expert parameters in an optimizer of their own only when "
+            f"expert_model_parallel_size > 1, so optimizer state does not move between EP = 1 and EP > 1. Set "
+            f"checkpoint.load_optimizer=false to load the model weights (resharded to this layout) and start the "
+            f"optimizer state fresh, or keep EP on the same side of 1 (EP 2 <-> 4 loads the optimizer too)")
     raise CheckpointLayoutError(
         f"checkpoint {folder} was saved with layout {saved.describe()} and optimizer state format {fmt!r}, "
         f"which megatron-core reshards across data-parallel size only; this run's layout is "
