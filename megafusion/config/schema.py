@@ -15,7 +15,7 @@ from typing import List, Optional
 ATTENTION_BACKENDS = ("auto", "dense", "segmented", "flex", "te")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 MOE_MODALITIES = ("text", "image")
-MOE_LOAD_BALANCING = ("aux_loss", "global_aux_loss", "none")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")
 CAPTIONING_RULES = ("transfusion", "bagel")
@@ -49,10 +49,10 @@ class MoEConfig:
     """Hidden size of one expert (--moe-ffn-hidden-size); None = the dense FFN width (model.ffn_hidden_size)."""
     router_load_balancing_type: str = "aux_loss"
     """aux_loss (Switch-Transformer load-balancing loss per micro-batch, added to the objective with
-    aux_loss_coeff and logged as moe_aux_loss) | global_aux_loss (the same loss over the token counts of all
-    data-parallel ranks, accumulated over the step's micro-batches) | none (--moe-router-load-balancing-type).
-    Megatron's seq_aux_loss is not offered: the modality FFN hands the router one modality's rows of a whole
-    micro-batch, which are not sequences, so a per-sequence balance has nothing to act on."""
+    aux_loss_coeff and logged as moe_aux_loss) | seq_aux_loss (DeepSeek-V2/V3: balanced within each sequence,
+    averaged over the micro-batch's sequences; the modality's rows then reach the router as the batch's
+    sequences) | global_aux_loss (the loss over the token counts of all data-parallel ranks, accumulated over the
+    step's micro-batches) | none (--moe-router-load-balancing-type)."""
     aux_loss_coeff: float = 1e-2
     """Weight of the load-balancing loss in the training objective (--moe-aux-loss-coeff)."""
     token_dispatcher_type: str = "alltoall"

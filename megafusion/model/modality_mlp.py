@@ -21,13 +21,10 @@ MoE layers may get more padding rows (megafusion/model/moe.py rows_to_run: megat
 empty batch, its allgather dispatcher needs equal row counts on every expert-parallel rank).
 
 MoE under tensor parallelism: megatron's MoE layer is built for sequence parallelism, where each TP rank routes its
-own tokens, the dispatcher gathers them over the (expert-)TP group for the TP-sharded experts and reduce-scatters
-the outputs back. So a modality's MoE layer is built with sequence_parallel=True and given this rank's equal share
-of the modality's rows (padded to a multiple of TP; backward all-gathers the input gradient), and the shares'
-outputs are all-gathered (backward keeps this rank's share). The router's weight gradient is then a partial sum
-over TP ranks, which megatron's finalize_model_grads sums only when the model itself is sequence parallel: such
-parameters are marked `tp_partial_grad`, and megafusion's finalize step (megafusion/parallel/wrapping.py) sums
-them over TP.
+own tokens, so a modality's MoE layer is built with sequence_parallel=True and run on this rank's share of the
+rows (megafusion/model/moe.py run_moe_rows). The router's weight gradient is then a partial sum over TP ranks,
+which megatron's finalize_model_grads sums only when the model itself is sequence parallel: such parameters are
+marked `tp_partial_grad`, and megafusion's finalize step (megafusion/parallel/wrapping.py) sums them over TP.
 
 Sequence parallelism: a rank holds [s/tp, b, h], and the modality rows of its slice differ in number from the
 other ranks', which megatron's sequence-parallel linears (equal-sized all-gathers) cannot take. So the whole
@@ -39,7 +36,6 @@ and reduce-scatters after fc2; this costs one extra all-gather per FFN in each d
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -53,7 +49,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megafusion.data.batch import MODALITY_IMAGE, MODALITY_TEXT
 from megafusion.model.attention.layout import AttentionLayout
-from megafusion.model.moe import rows_to_run, without_router_losses
+from megafusion.model.moe import run_moe_rows
 
 
 @dataclass
@@ -148,26 +144,11 @@ class ModalityMLP(MegatronModule):
                 # collective needs the empty branch; skipping it halves a decode step's FFN weight reads
                 outputs.append(flat.new_zeros(0, h))
                 continue
-            share = self.tp_size > 1 and _is_moe(module)
-            total = rows_to_run(module, n, layout, modality)
-            if share:  # equal shares for every TP rank
-                total = -(-total // self.tp_size) * self.tp_size
-            extra = total - n
-            if extra:  # padding rows for MoE dispatch (megafusion/model/moe.py); their outputs are dropped below
-                x = torch.cat([x, x.new_zeros(extra, h)])
-                padding = torch.cat([padding, padding.new_ones(extra)])
-            if share:  # this rank's share; backward all-gathers the shares' input gradients
-                x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
-                padding = padding.view(self.tp_size, -1)[self.tp_group.rank()]
-            with without_router_losses(module) if n == 0 else contextlib.nullcontext():
-                out, bias = module(x.unsqueeze(0), padding_mask=padding.unsqueeze(1))  # [1, n, h]: n one-token seqs
-            if bias is not None:
-                out = out + bias
-            out = out.reshape(-1, out.shape[-1])
-            if share:  # every rank's outputs; backward keeps this rank's share of the (replicated) gradient
-                out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False,
-                                                                           group=self.tp_group)
-            outputs.append(out[:n])
+            if _is_moe(module):
+                outputs.append(run_moe_rows(module, x, padding, layout, modality, self.tp_group))
+                continue
+            out, bias = module(x.unsqueeze(0), padding_mask=padding.unsqueeze(1))  # [1, n, h]: n one-token seqs
+            outputs.append((out if bias is None else out + bias).reshape(n, -1))
         # one gather puts the concatenated branch outputs back in [s*b] order
         merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout)).view(s, b, -1)
         if self.config.sequence_parallel:

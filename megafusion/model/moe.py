@@ -22,9 +22,11 @@ divides by the token count (0 * inf = NaN in its value and its gradient), where 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from contextlib import contextmanager
 from functools import partial
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,3 +147,82 @@ def get_moe_spec(config, use_te: bool, modality: str) -> ModuleSpec:
                                moe_grouped_gemm=bool(config.moe_grouped_gemm))
     router = partial(ModalityRouter, modality=modality)
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, router=router))
+
+
+def _per_sequence_index(layout, modality: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The modality's rows (sequence-first order) laid out per batch row: (table [m, b] of row indices, `rows`
+    where a sequence has fewer, position-in-sequence [n], batch row [n])."""
+    def build():
+        flat = layout.modality_rows(modality)
+        b = layout.batch_size
+        seq = flat % b
+        n = flat.numel()
+        order = torch.arange(n, device=flat.device)
+        counts = torch.bincount(seq, minlength=b)
+        m = int(counts.max()) if n else 0
+        # rows are in (s, b) order, so within one batch row they come in sequence order
+        position = torch.empty_like(order)
+        for j in range(b):
+            mine = order[seq == j]
+            position[mine] = torch.arange(mine.numel(), device=flat.device)
+        table = torch.full((max(m, 1), b), n, dtype=torch.long, device=flat.device)
+        table[position, seq] = order
+        return table, position, seq
+
+    table, position, seq = layout.cached(f"moe_sequence_table_{modality}", build)
+    return table, position, seq
+
+
+def _sequence_balanced(ffn) -> bool:
+    balancing = getattr(ffn.config, "moe_router_load_balancing_type", "none")
+    return "seq_aux_loss" in (balancing if isinstance(balancing, (list, tuple)) else [balancing])
+
+
+def run_moe_rows(ffn, x: torch.Tensor, padding: torch.Tensor, layout, modality: int, tp_group) -> torch.Tensor:
+    """A modality's rows x [n, h] (padding [n], True = padding) through its MoE layer -> [n, h].
+
+    - Rows go in as n one-token sequences [1, n, h], padded as rows_to_run says (module docstring). With
+      seq_aux_loss balancing they go in as the batch's sequences instead: [m, b, h], each batch row's rows of this
+      modality in order, shorter sequences padded, so megatron's per-sequence balancing sees real sequences.
+    - Under tensor parallelism (ffn built sequence parallel, ModalityMLP) each TP rank runs its equal share of the
+      first dimension (padded to a multiple of TP; backward all-gathers the input gradient) and the shares' outputs
+      are all-gathered (backward keeps this rank's share of the replicated gradient): megatron's sequence-parallel
+      MoE, where the dispatcher gathers the shares for the TP-sharded experts and reduce-scatters them back."""
+    from megatron.core import tensor_parallel
+
+    n, h = x.shape
+    tp = tp_group.size() if tp_group is not None else 1
+    if _sequence_balanced(ffn):
+        table, position, seq = _per_sequence_index(layout, modality)
+        m = rows_to_run(ffn, table.shape[0] if n else 0, layout, modality)
+        m = -(-m // tp) * tp
+        if m > table.shape[0]:
+            table = torch.cat([table, table.new_full((m - table.shape[0], table.shape[1]), n)])
+        padded = torch.cat([x, x.new_zeros(1, h)])
+        x_in = padded.index_select(0, table.reshape(-1)).view(m, -1, h)  # [m, b, h]
+        pad_in = torch.cat([padding, padding.new_ones(1)]).index_select(0, table.reshape(-1)).view(m, -1)
+        pad_in = pad_in.transpose(0, 1)  # megatron's [b, s]
+    else:
+        total = rows_to_run(ffn, n, layout, modality)
+        total = -(-total // tp) * tp
+        x_in = torch.cat([x, x.new_zeros(total - n, h)]).unsqueeze(0)  # [1, total, h]
+        pad_in = torch.cat([padding, padding.new_ones(total - n)]).unsqueeze(1)  # [total, 1]
+        position = seq = None
+    first_dim = 0 if position is not None else 1
+    if tp > 1:
+        x_in = x_in.transpose(0, first_dim) if first_dim else x_in
+        x_in = tensor_parallel.scatter_to_sequence_parallel_region(x_in, group=tp_group)
+        x_in = x_in.transpose(0, first_dim) if first_dim else x_in
+        pad_in = pad_in.chunk(tp, dim=1 if first_dim == 0 else 0)[tp_group.rank()]
+    with without_router_losses(ffn) if n == 0 else contextlib.nullcontext():
+        out, bias = ffn(x_in, padding_mask=pad_in)
+    if bias is not None:
+        out = out + bias
+    if tp > 1:
+        out = out.transpose(0, first_dim) if first_dim else out
+        out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False,
+                                                                   group=tp_group)
+        out = out.transpose(0, first_dim) if first_dim else out
+    if position is not None:
+        return out[position, seq]
+    return out.reshape(-1, h)[:n]

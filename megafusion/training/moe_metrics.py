@@ -15,7 +15,7 @@ removed (megafusion/model/moe.py). Once per step, on every rank:
                                                              data-parallel ranks together (padding excluded)
     moe/<modality>/layerNN/dropped_tokens                    tokens removed by expert capacity in the step
 
-(global_aux_loss balancing is logged under the same names.) All per-rank numbers form one vector reduced over
+(seq_aux_loss and global_aux_loss balancing are logged under the same names.) All per-rank numbers form one vector reduced over
 the whole world (pipeline stages hold different layers; under tensor parallelism each rank routes and records
 its own share of a modality's rows, so TP ranks add up), so every rank enters the same collective whether or not its routers ran; then the tracker and the counts are cleared.
 """
@@ -30,7 +30,8 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, ge
 
 from megafusion.model.moe import LOAD_BALANCING_LOSS, ModalityRouter, modality_loss_name
 
-BALANCING_NAMES = {"aux_loss": LOAD_BALANCING_LOSS, "global_aux_loss": f"global_{LOAD_BALANCING_LOSS}"}
+BALANCING_NAMES = {"aux_loss": LOAD_BALANCING_LOSS, "seq_aux_loss": f"seq_{LOAD_BALANCING_LOSS}",
+                   "global_aux_loss": f"global_{LOAD_BALANCING_LOSS}"}
 
 
 class MoEMeter:

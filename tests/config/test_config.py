@@ -76,7 +76,7 @@ def test_sequence_parallel_needs_tp_and_a_divisible_sequence(overrides, needle):
         (["model.moe.num_experts=2", "model.moe.router_topk=3"], "router_topk=3 exceeds num_experts=2"),
         (["model.moe.modalities=[video]"], r"model\.moe\.modalities"),
         (["model.moe.token_dispatcher_type=flex"], r"model\.moe\.token_dispatcher_type"),
-        (["model.moe.router_load_balancing_type=seq_aux_loss"], r"model\.moe\.router_load_balancing_type"),
+        (["model.moe.router_load_balancing_type=sinkhorn"], r"model\.moe\.router_load_balancing_type"),
         (["model.moe.num_experts=4", "model.modality_ffn=false"], r"model\.modality_ffn=true"),
         (["model.moe.num_experts=4", "parallel.tensor_model_parallel_size=2", "model.add_bias_linear=true"],
          r"model\.add_bias_linear=false"),

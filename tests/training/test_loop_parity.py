@@ -112,6 +112,26 @@ def test_moe_with_tensor_parallelism_matches_single_process(moe_reference, name,
     _assert_same(single, run_train(tmp, name, common + layout, world_size=world), MOE_KEYS)
 
 
+SEQ_BALANCED = MOE + ["model.moe.router_load_balancing_type=seq_aux_loss"]
+
+
+@pytest.fixture(scope="module")
+def seq_balanced_reference(tmp_path_factory):
+    return _reference(tmp_path_factory, "parity_moe_seq", SEQ_BALANCED)
+
+
+@pytest.mark.parametrize("name, layout, world", [
+    ("ep2_seq", ["parallel.expert_model_parallel_size=2"], 2),
+    ("tp2_seq", ["parallel.tensor_model_parallel_size=2"], 2),
+])
+def test_sequence_level_balancing_matches_single_process(seq_balanced_reference, name, layout, world):
+    """seq_aux_loss: the router sees the batch's sequences (each row's tokens of the modality); per-sequence
+    balancing losses differ from the micro-batch loss and reproduce across layouts."""
+    tmp, common, single = seq_balanced_reference
+    assert all(1.0 <= r["moe_aux_loss_text"] < 4.0 for r in single)
+    _assert_same(single, run_train(tmp, name, common + layout, world_size=world), MOE_KEYS)
+
+
 def test_expert_parallel_with_moe_options_matches_single_process(moe_options_reference):
     tmp, common, single = moe_options_reference
     _assert_same(single, run_train(tmp, "ep2_options", common + ["parallel.expert_model_parallel_size=2"],
