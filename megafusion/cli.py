@@ -5,6 +5,7 @@
     megafusion generate --checkpoint RUN --prompts prompts.jsonl --out DIR [options]   # text and images
     megafusion generate --hf HF_DIR ...                                               # from an exported folder
     megafusion demo     [--out out/demo] [--minutes 15] [--compare-weighting]           # the whole pipeline
+    megafusion plan     --config reference --gpus 128 [--json] [--gpu-memory 80GB] [overrides]   # memory, FLOPs
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--compare-weighting", action="store_true",
                       help="also train with fixed loss weighting on the same budget and report both")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world, the corpus and training")
+    from megafusion.planning.cli import add_arguments as plan_arguments
+
+    plan_arguments(sub.add_parser("plan", help="parameters, per-GPU memory, FLOPs and wall-clock on N GPUs"))
     return parser
 
 
@@ -39,6 +43,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megafusion.inference.cli import run
 
         return run(args)
+    if args.command == "plan":
+        from megafusion.planning.cli import run as plan
+
+        return plan(args)
     if args.command == "demo":
         from megafusion.demo.pipeline import Pipeline, StageFailed
 
