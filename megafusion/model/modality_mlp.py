@@ -147,8 +147,10 @@ class ModalityMLP(MegatronModule):
             if _is_moe(module):
                 outputs.append(run_moe_rows(module, x, padding, layout, modality, self.tp_group))
                 continue
+            if n == 0:  # one padding row, so the FFN's parameters take part (their gradients are zero)
+                x, padding = x.new_zeros(1, h), padding.new_ones(1)
             out, bias = module(x.unsqueeze(0), padding_mask=padding.unsqueeze(1))  # [1, n, h]: n one-token seqs
-            outputs.append((out if bias is None else out + bias).reshape(n, -1))
+            outputs.append((out if bias is None else out + bias).reshape(-1, out.shape[-1])[:n])
         # one gather puts the concatenated branch outputs back in [s*b] order
         merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout)).view(s, b, -1)
         if self.config.sequence_parallel:
