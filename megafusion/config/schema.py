@@ -335,6 +335,57 @@ class ParallelConfig:
                f"{s}.timeout_minutes={self.timeout_minutes} must be > 0 (or null for the backend's default)")
 
 
+PARAM_GROUPS = ("embedding", "unembedding", "attention", "mlp", "norm")
+
+
+@dataclass
+class ParamGroupConfig:
+    """AdamW settings of one kind of parameter (optimizer.groups.<kind>); None = the optimizer's own value."""
+
+    lr_mult: float = 1.0
+    """Multiplies the whole learning-rate schedule (peak and min_lr) of these parameters."""
+    weight_decay: Optional[float] = None
+    """Decoupled weight decay of these parameters (the decay_norms_and_biases / decay_embeddings switches still
+    exempt norms, biases and embeddings); needs optimizer.weight_decay > 0, which megatron's schedule scales."""
+    eps: Optional[float] = None
+    """Adam epsilon of these parameters."""
+
+    def check(self, where: str) -> None:
+        _check(self.lr_mult > 0, f"{where}.lr_mult must be positive, got {self.lr_mult}")
+        _check(self.weight_decay is None or self.weight_decay >= 0, f"{where}.weight_decay must be >= 0 or null")
+        _check(self.eps is None or self.eps > 0, f"{where}.eps must be positive or null")
+
+
+@dataclass
+class ParamGroupsConfig:
+    """Per-module AdamW hyperparameters (optimizer.groups), for both model families: the tri-modal masked-diffusion
+    paper finds embeddings want larger learning rates and later blocks smaller updates."""
+
+    embedding: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    """Input embeddings: the token embedding (and a tied LM head), the patch and timestep embeddings."""
+    unembedding: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    """Output heads: an untied LM head and the velocity head."""
+    attention: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    """Attention projections (QKV and output, per-modality ones too), weights and biases."""
+    mlp: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    """Feed-forward layers: dense, per-modality and MoE (experts and routers), weights and biases."""
+    norm: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    """Norm weights and biases, including the final norm."""
+    depth_lr_decay: float = 1.0
+    """Learning-rate factor across depth: transformer layer l of L (0-based) gets lr x depth_lr_decay^(l / (L-1))
+    on top of its group's lr_mult, so the first layer keeps the group's rate and the last gets depth_lr_decay
+    times it (< 1: later blocks take smaller updates). Embeddings and heads are not scaled."""
+
+    def __post_init__(self):
+        for name in PARAM_GROUPS:
+            getattr(self, name).check(f"optimizer.groups.{name}")
+        _check(self.depth_lr_decay > 0, f"optimizer.groups.depth_lr_decay must be positive, got {self.depth_lr_decay}")
+
+    @property
+    def default(self) -> bool:
+        return self.depth_lr_decay == 1.0 and all(getattr(self, n) == ParamGroupConfig() for n in PARAM_GROUPS)
+
+
 @dataclass
 class OptimizerConfig:
     lr: float = 3e-4
@@ -357,9 +408,15 @@ class OptimizerConfig:
     """Apply weight decay to norm weights and biases."""
     decay_embeddings: bool = False
     """Apply weight decay to embeddings."""
+    groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
+    """Per-module learning-rate multipliers, weight decay and epsilon, and a depth factor (training/optimizer.py)."""
 
     def __post_init__(self):
         s = "optimizer"
+        for name in PARAM_GROUPS:
+            _check(getattr(self.groups, name).weight_decay is None or self.weight_decay > 0,
+                   f"{s}.groups.{name}.weight_decay needs {s}.weight_decay > 0 (megatron's schedule scales the "
+                   f"optimizer's decay per group)")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"{s}: need 0 <= min_lr <= lr and lr > 0")
         _check(self.warmup_steps >= 0, f"{s}.warmup_steps must be >= 0")
         _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{s}.adam_beta1/2 must be in [0, 1)")

@@ -201,7 +201,8 @@ class Trainer:
         else:
             self.state.skipped_steps += 1
         self.state.total_flops += self.flops_per_step
-        values.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
+        # the base schedule's rate (groups of optimizer.groups run multiples of it)
+        values.update(grad_norm=float(grad_norm), lr=self.scheduler.get_lr({}),
                       skipped_steps=self.state.skipped_steps)
         return values
 

@@ -9,6 +9,11 @@ data-parallel group) when cfg.parallel.use_distributed_optimizer. Params without
     with `param.is_embedding_parameter = True`) unless cfg.optimizer.decay_embeddings. A tied LM head is the
     embedding weight and follows it; an untied output layer is a linear layer and is decayed.
 
+Per-module settings (cfg.optimizer.groups: embedding, unembedding, attention, mlp, norm, by parameter name; and
+a learning-rate factor over depth) become megatron param-group overrides too: max_lr / min_lr scale the whole
+schedule (megatron-core 0.16.1's scheduler reads them per group), wd_mult the decay, eps Adam's epsilon. One
+ParamKey per distinct override, matching parameters by identity.
+
 `build_lr_scheduler(cfg, optimizer, total_steps)` -> megatron's OptimizerParamScheduler: linear warmup from 0 to
 lr over warmup_steps, then cosine from lr to min_lr at total_steps (min_lr afterwards); weight decay constant.
 """
@@ -16,7 +21,7 @@ lr over warmup_steps, then cosine from lr to min_lr at total_steps (min_lr after
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Set
+from typing import Dict, Iterable, List, Optional, Set
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
@@ -24,9 +29,9 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePred
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-from megafusion.config.schema import Config
+from megafusion.config.schema import PARAM_GROUPS, Config
 
-NO_DECAY_KEY_NAME = "megafusion_no_weight_decay"
+GROUP_KEY_PREFIX = "megafusion_group_"
 
 
 def use_bf16_params(cfg: Config) -> bool:
@@ -85,12 +90,83 @@ def no_weight_decay_predicate(cfg: Config, model_chunks: List[torch.nn.Module]):
     return no_decay
 
 
+def param_kind(name: str) -> Optional[str]:
+    """The optimizer.groups kind of a parameter by its (megatron) name: embedding | unembedding | attention | mlp |
+    norm; None for a name it does not know."""
+    if "layernorm" in name or "layer_norm" in name:  # also TE's norms fused into linear_qkv / linear_fc1
+        return "norm"
+    if ".self_attention." in f".{name}":
+        return "attention"
+    if ".mlp." in f".{name}":
+        return "mlp"
+    if ".embedding." in f".{name}":
+        return "embedding"
+    if ".output_layer." in f".{name}" or ".velocity_head." in f".{name}":
+        return "unembedding"
+    return None
+
+
+def layer_index(model_chunks: List[torch.nn.Module]) -> Dict[int, int]:
+    """id(param) -> 0-based global transformer layer (megatron's layer_number - 1, pipeline offsets included)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    index: Dict[int, int] = {}
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, TransformerLayer):
+                for p in module.parameters():
+                    index[id(p)] = module.layer_number - 1
+    return index
+
+
+def param_overrides(cfg: Config, model_chunks: List[torch.nn.Module]) -> Dict[int, Dict[str, float]]:
+    """id(param) -> megatron ParamGroupOverride fields (max_lr / min_lr, wd_mult, eps) from the weight-decay
+    switches and optimizer.groups; params with no override are left out."""
+    o, groups = cfg.optimizer, cfg.optimizer.groups
+    no_decay = no_weight_decay_predicate(cfg, model_chunks)
+    layers = layer_index(model_chunks) if groups.depth_lr_decay != 1.0 else {}
+    depth = max(cfg.model.num_layers - 1, 1)
+    out: Dict[int, Dict[str, float]] = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if not param.requires_grad or id(param) in out:
+                continue
+            override: Dict[str, float] = {}
+            kind = param_kind(name) if not groups.default else None
+            if kind is not None and getattr(param, "shared_embedding", False):
+                kind = "embedding"  # a tied LM head is the embedding (both pipeline copies)
+            if not groups.default and kind is None:
+                raise ValueError(f"optimizer.groups: parameter {name} is none of {list(PARAM_GROUPS)}; leave "
+                                 "optimizer.groups at its defaults for this model")
+            group = getattr(groups, kind) if kind else None
+            mult = group.lr_mult if group else 1.0
+            if id(param) in layers:
+                mult *= groups.depth_lr_decay ** (layers[id(param)] / depth)
+            if mult != 1.0:
+                override.update(max_lr=o.lr * mult, min_lr=o.min_lr * mult)
+            if no_decay is not None and no_decay(param, name):
+                override["wd_mult"] = 0.0
+            elif group is not None and group.weight_decay is not None:
+                override["wd_mult"] = group.weight_decay / o.weight_decay
+            if group is not None and group.eps is not None:
+                override["eps"] = group.eps
+            if override:
+                out[id(param)] = override
+    return out
+
+
 def build_config_overrides(cfg: Config, model_chunks: List[torch.nn.Module]) -> Dict:
-    predicate = no_weight_decay_predicate(cfg, model_chunks)
-    if predicate is None:
-        return {}  # an empty dict (not None) keeps megatron from applying its default bias/1-D rule
-    key = ParamKey(with_name_predicate=ParamWithNamePredicate(name=NO_DECAY_KEY_NAME, fn=predicate))
-    return {key: {"wd_mult": 0.0}}
+    """megatron's config_overrides: one ParamKey per distinct override, matching its parameters by identity (names
+    carry wrapper prefixes and, under pipeline parallelism, stage-local layer numbers)."""
+    by_override: Dict[tuple, Set[int]] = {}
+    for pid, override in param_overrides(cfg, model_chunks).items():
+        by_override.setdefault(tuple(sorted(override.items())), set()).add(pid)
+    overrides = {}  # empty (not None) keeps megatron from applying its default bias / 1-D rule
+    for i, (override, ids) in enumerate(sorted(by_override.items())):
+        key = ParamKey(with_name_predicate=ParamWithNamePredicate(
+            name=f"{GROUP_KEY_PREFIX}{i}", fn=lambda param, name, ids=ids: id(param) in ids))
+        overrides[key] = dict(override)
+    return overrides
 
 
 def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]) -> MegatronOptimizer:

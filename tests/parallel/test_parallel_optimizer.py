@@ -148,3 +148,56 @@ def test_build_optimizer_needs_ddp_chunks(one_rank):
     bare = build_gpt(transformer_config(cfg, num_layers=2))
     with pytest.raises(TypeError, match="wrap_model"):
         build_optimizer(cfg, [bare])
+
+
+def _groups_with_eps(optimizer):
+    out = {}
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            for p in group["params"]:
+                out[id(p)] = (group["lr"], group["weight_decay"], group["eps"])
+    return out
+
+
+def test_per_module_groups_and_depth_factor(one_rank):
+    """optimizer.groups: each kind of parameter gets its lr multiplier (the whole schedule), weight decay and
+    epsilon; transformer layer l of L also gets depth_lr_decay^(l / (L-1)); the decay switches still exempt
+    norms, biases and embeddings."""
+    from megafusion.config.schema import ParamGroupConfig, ParamGroupsConfig
+    from megafusion.training.optimizer import param_kind
+
+    groups = ParamGroupsConfig(embedding=ParamGroupConfig(lr_mult=3.0, eps=1e-6),
+                               unembedding=ParamGroupConfig(lr_mult=0.5, weight_decay=0.2),
+                               attention=ParamGroupConfig(weight_decay=0.05), mlp=ParamGroupConfig(eps=1e-7),
+                               norm=ParamGroupConfig(lr_mult=2.0), depth_lr_decay=0.25)
+    cfg = _cfg(groups=groups)
+    chunks = _wrapped_model(cfg)
+    optimizer = build_optimizer(cfg, chunks)
+    build_lr_scheduler(cfg, optimizer, total_steps=100).step(5)
+    warm = 1e-3 * 5 / 10
+    got = _groups_with_eps(optimizer)
+    kinds = set()
+    for name, p in chunks[0].named_parameters():
+        kind = param_kind(name)
+        kinds.add(kind)
+        g = getattr(groups, kind)
+        layer = int(name.split("layers.")[1].split(".")[0]) if "layers." in name else None
+        mult = g.lr_mult * (0.25 ** layer if layer is not None else 1.0)
+        no_decay = p.dim() == 1 or name.endswith(".bias") or kind == "embedding"
+        wd = 0.0 if no_decay else (g.weight_decay if g.weight_decay is not None else 0.1)
+        lr, got_wd, eps = got[id(p)]
+        assert lr == pytest.approx(warm * mult, rel=1e-12), name
+        assert got_wd == pytest.approx(wd, rel=1e-12), name
+        assert eps == (g.eps if g.eps is not None else 1e-8), name
+    assert kinds == {"embedding", "unembedding", "attention", "mlp", "norm"}
+
+
+def test_per_module_groups_are_validated():
+    from megafusion.config import load_config
+
+    with pytest.raises(ValueError, match=r"optimizer\.groups\.mlp\.lr_mult"):
+        load_config("tiny", ["optimizer.groups.mlp.lr_mult=0"])
+    with pytest.raises(ValueError, match=r"optimizer\.groups\.norm\.weight_decay needs optimizer\.weight_decay > 0"):
+        load_config("tiny", ["optimizer.weight_decay=0", "optimizer.groups.norm.weight_decay=0.1"])
+    with pytest.raises(ValueError, match=r"optimizer\.groups\.depth_lr_decay"):
+        load_config("tiny", ["optimizer.groups.depth_lr_decay=-1"])
