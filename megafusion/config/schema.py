@@ -387,6 +387,32 @@ class ParamGroupsConfig:
 
 
 @dataclass
+class SdeRescaleConfig:
+    """Physical vs logical batch size (optimizer.sde_rescale; training/batch_rescale.py): the optimizer's values
+    are the ones tuned at `logical_batch_size` and `base_tokens`, and are moved to this run's global batch and token
+    horizon by kappa = (base_tokens / tokens)^gamma * (global_batch / logical_batch): lr x sqrt(kappa),
+    betas ^ kappa, eps / sqrt(kappa) (the tri-modal masked-diffusion paper's SDE rule, marked unconfirmed)."""
+
+    logical_batch_size: Optional[int] = None
+    """Global batch (sequences) the hyperparameters were tuned at; None = no rescaling."""
+    base_tokens: Optional[float] = None
+    """Token horizon of the tuning run; None = this run's (the horizon factor is then 1)."""
+    gamma: float = 0.44
+    """Exponent of the horizon factor."""
+    critical_steps: Optional[float] = None
+    """S_crit: the rule holds only for a global batch below D / (data.seq_length * S_crit) sequences (D = this run's
+    tokens); a larger one is refused. None = not checked."""
+
+    def __post_init__(self):
+        s = "optimizer.sde_rescale"
+        _check(self.logical_batch_size is None or self.logical_batch_size > 0,
+               f"{s}.logical_batch_size must be positive or null")
+        _check(self.base_tokens is None or self.base_tokens > 0, f"{s}.base_tokens must be positive or null")
+        _check(self.gamma >= 0, f"{s}.gamma must be >= 0")
+        _check(self.critical_steps is None or self.critical_steps > 0, f"{s}.critical_steps must be positive or null")
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = 3e-4
     """Peak learning rate after warmup."""
@@ -410,6 +436,8 @@ class OptimizerConfig:
     """Apply weight decay to embeddings."""
     groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
     """Per-module learning-rate multipliers, weight decay and epsilon, and a depth factor (training/optimizer.py)."""
+    sde_rescale: SdeRescaleConfig = field(default_factory=SdeRescaleConfig)
+    """Move hyperparameters tuned at a logical batch to the physical one (training/batch_rescale.py)."""
 
     def __post_init__(self):
         s = "optimizer"

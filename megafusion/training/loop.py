@@ -44,6 +44,7 @@ from megafusion.parallel.wrapping import use_bf16, wrap_model
 from megafusion.training.exit_record import write_exit_record
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
 from megafusion.training.forward_step import average_reports, make_forward_step, noisy_microbatches
+from megafusion.training import batch_rescale
 from megafusion.training.metrics import MetricsWriter, format_line, resolve_peak_flops
 from megafusion.training.moe_metrics import MoEMeter
 from megafusion.training.nan_guard import NanGuard
@@ -101,14 +102,19 @@ class Trainer:
             raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
                              f"micro_batch_size * data-parallel size = {t.micro_batch_size} * {info.dp_size}")
         self.model = wrap_model(partial(model_provider, cfg), cfg)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.model_config = self.model[0].config
-        self.model_config.grad_scale_func = self.optimizer.scale_loss
-        self.moe_meter = MoEMeter(self.model_config, self.model, info.dp_size, info.tp_size, info.device)
         mix = TokenMix.estimate(cfg, latent_fraction=0.5)
         self.flops_per_step = flops_per_step(build_transformer_config(cfg), mix)
         self.total_steps = t.train_steps if t.train_steps is not None else steps_from_flops_budget(
             t.flops_budget, self.flops_per_step)
+        rescaled = batch_rescale.rescale(cfg, self.total_steps) if self.total_steps else None
+        if rescaled is not None:  # optimizer.sde_rescale: the optimizer runs the values for this batch and horizon
+            cfg = batch_rescale.rescaled_config(cfg, self.total_steps)  # self.cfg (saved) keeps the tuned values
+            if info.rank == 0:
+                logger.info("optimizer.sde_rescale: %s", rescaled.describe())
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.model_config = self.model[0].config
+        self.model_config.grad_scale_func = self.optimizer.scale_loss
+        self.moe_meter = MoEMeter(self.model_config, self.model, info.dp_size, info.tp_size, info.device)
         # train_steps=0 (a seed checkpoint) takes no step; any valid schedule length will do.
         schedule_steps = self.total_steps or cfg.optimizer.warmup_steps + 1
         self.scheduler = build_lr_scheduler(cfg, self.optimizer, schedule_steps)
@@ -132,14 +138,14 @@ class Trainer:
         self.dtype = torch.bfloat16 if use_bf16(cfg) else None
         self.is_logger = info.rank == 0
         self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard, resume_step=self.state.step,
-                                     config=cfg)
+                                     config=self.cfg)
         if self.metrics.dropped:
             logger.info("metrics.jsonl: dropped %d line(s) after step %d, logged by an earlier run that this run "
                         "redoes", self.metrics.dropped, self.state.step)
         self.peak_flops = resolve_peak_flops(cfg.logging.peak_flops)
         if self.is_logger:
             os.makedirs(t.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
+            save_config(self.cfg, os.path.join(t.run_dir, "config.yaml"))
 
     # ------------------------------------------------------------------ one step
     def _microbatches(self, iterator) -> List:
