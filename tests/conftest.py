@@ -26,6 +26,16 @@ LEAK_GRACE_S = 10.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
+@pytest.fixture(autouse=True)
+def _fresh_moe_loss_tracker():
+    """megatron's MoE loss tracker is a process-wide dict whose per-layer tensors keep the layer count of the
+    first model that logged under a name: each test starts with it empty (models of different depths)."""
+    yield
+    utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if utils is not None:
+        utils.get_moe_layer_wise_logging_tracker().clear()
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A tiny model trained for a few steps on a preprocessed corpus (pixel encoder, 8x8 images), shared by the

@@ -44,7 +44,9 @@ class MoEMeter:
         self.num_layers, self.num_experts = config.num_layers, getattr(config, "num_moe_experts", None) or 0
         self.dp_size, self.tp_size, self.device = dp_size, tp_size, device
         self.routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, ModalityRouter)]
-        clear_aux_losses_tracker()
+        # megatron's tracker is process-wide and sizes an entry by the first model that logs under its name: a
+        # second model of another depth in this process would index past it, so start from an empty one
+        get_moe_layer_wise_logging_tracker().clear()
 
     @property
     def enabled(self) -> bool:
