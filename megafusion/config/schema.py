@@ -19,6 +19,8 @@ MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")
 CAPTIONING_RULES = ("transfusion", "bagel")
+OBJECTIVE_KINDS = ("flow_matching", "masked_diffusion")
+MASK_SCHEDULES = ("linear", "cosine", "polynomial")
 PATCH_POSITION_EMBEDDINGS = ("none", "sincos2d")
 
 
@@ -250,7 +252,51 @@ class DataConfig:
 
 
 @dataclass
+class MaskScheduleConfig:
+    """Masking probability beta(t) of one modality (megafusion/objectives/masked_diffusion.py)."""
+    kind: str = "linear"
+    """linear: t; cosine: 1 - cos(pi t / 2); polynomial: t^exponent (the tri-modal paper finds polynomial best)."""
+    exponent: float = 1.0
+    """polynomial only: the exponent a > 0 (a > 1 masks less at a given t)."""
+
+    def __post_init__(self):
+        _choice("objective.masked_diffusion.*_schedule", "kind", self.kind, MASK_SCHEDULES)
+        _check(self.exponent > 0, f"objective.masked_diffusion.*_schedule.exponent={self.exponent} must be > 0")
+
+
+@dataclass
+class MaskedDiffusionConfig:
+    """objective.kind = masked_diffusion: the unified vocabulary and the forward process (docs/masked_diffusion.md)."""
+    text_vocab_size: int = 0
+    """Size of the text tokenizer's vocabulary (ids [0, text_vocab_size)); the dataset manifest must agree."""
+    image_codebook_size: int = 0
+    """Entries of the image tokenizer's codebook (0 = no image codes)."""
+    audio_codebook_size: int = 0
+    """Entries of the audio tokenizer's codebook (0 = no audio codes)."""
+    tasks: List[str] = field(default_factory=lambda: ["text", "image_text", "audio_text"])
+    """Task tokens, in id order (megafusion/discrete/vocab.py)."""
+    text_schedule: MaskScheduleConfig = field(default_factory=MaskScheduleConfig)
+    image_schedule: MaskScheduleConfig = field(default_factory=MaskScheduleConfig)
+    audio_schedule: MaskScheduleConfig = field(default_factory=MaskScheduleConfig)
+    t_floor: float = 1e-3
+    """Lower bound on t for the masking probability and the 1/t-type weight (bounds the weight at 1/t_floor)."""
+    anti_masking: bool = False
+    """Also train on the complementary mask of every row (u > 1 - beta(t)), averaging both losses: lower variance
+    at twice the forward cost; a micro-batch then runs 2 * training.micro_batch_size rows."""
+
+    def __post_init__(self):
+        s = "objective.masked_diffusion"
+        _check(self.text_vocab_size >= 0 and self.image_codebook_size >= 0 and self.audio_codebook_size >= 0,
+               f"{s}: vocabulary sizes must be >= 0")
+        _check(0.0 < self.t_floor < 1.0, f"{s}.t_floor={self.t_floor} must be in (0, 1)")
+
+
+@dataclass
 class ObjectiveConfig:
+    kind: str = "flow_matching"
+    """flow_matching: the Transfusion family (text CE + velocity flow matching over continuous latents);
+    masked_diffusion: tri-modal masked discrete diffusion over a unified vocabulary (objective.masked_diffusion)."""
+    masked_diffusion: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     loss_weighting: str = "fixed"
     """fixed: L = ce_weight * L_ce + fm_weight * L_fm; adaptive: EMA-centred weights (docs/objectives.md)."""
     ce_weight: float = 1.0
@@ -287,6 +333,7 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         s = "objective"
+        _choice(s, "kind", self.kind, OBJECTIVE_KINDS)
         _choice(s, "loss_weighting", self.loss_weighting, ("fixed", "adaptive"))
         _choice(s, "timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
         _check(0.0 < self.adaptive_alpha < 1.0, f"{s}.adaptive_alpha={self.adaptive_alpha} must be in (0, 1)")
@@ -589,6 +636,9 @@ class Config:
                    f"parallel.sequence_parallel=true splits the sequence over TP: data.seq_length="
                    f"{self.data.seq_length} must be divisible by tensor_model_parallel_size={tp}")
         self._check_moe()
+        if self.objective.kind == "masked_diffusion":
+            self._check_masked_diffusion()
+            return
         if self.objective.captioning == "bagel":
             _check(m.hide_noised_latents, "objective.captioning=bagel needs model.hide_noised_latents=true (the "
                    "noised copy of each frame must be invisible to later positions); set it, or use "
@@ -598,6 +648,23 @@ class Config:
         _check(frame <= self.data.seq_length,
                f"one image needs {frame} positions (model.latent_size/patch_size squared + BOI/EOI) but "
                f"data.seq_length={self.data.seq_length}; raise data.seq_length or model.patch_size")
+
+    def _check_masked_diffusion(self):
+        md, m = self.objective.masked_diffusion, self.model
+        _check(md.text_vocab_size > 0, "objective.kind=masked_diffusion needs objective.masked_diffusion."
+               "text_vocab_size (the text tokenizer's vocabulary size; the dataset manifest names it)")
+        from megafusion.discrete.vocab import UnifiedVocab
+
+        size = UnifiedVocab(md.text_vocab_size, md.image_codebook_size, md.audio_codebook_size, tuple(md.tasks)).size
+        _check(m.vocab_size == size, f"objective.kind=masked_diffusion: model.vocab_size={m.vocab_size} must equal "
+               f"the unified vocabulary's size {size} (text {md.text_vocab_size} + image codes "
+               f"{md.image_codebook_size} + audio codes {md.audio_codebook_size} + specials and tasks); set "
+               f"model.vocab_size={size}")
+        _check(not m.modality_ffn and not m.modality_attention,
+               "objective.kind=masked_diffusion runs every position through one FFN (all positions are discrete "
+               "tokens); set model.modality_ffn=false and model.modality_attention=false")
+        _check(self.objective.loss_weighting == "fixed", "objective.kind=masked_diffusion has one loss term; set "
+               "objective.loss_weighting=fixed")
 
     def _check_moe(self):
         moe, ep, tp = self.model.moe, self.parallel.expert_model_parallel_size, self.parallel.tensor_model_parallel_size

@@ -14,6 +14,11 @@ A packed sequence of length S interleaves text tokens and continuous latent patc
                   first latent position of its media item (image or whole video) when that item's text
                   conditioning is dropped for classifier-free guidance
   noised          True at latent positions that carry noised latents z_t (trained with flow matching)
+  token_modality  masked-diffusion family only (megafusion.discrete), else None: the discrete modality of each
+                  token (0 text, 1 image codes, 2 audio codes; -1 at padding). There every position is a
+                  discrete token (modality is MODALITY_TEXT throughout, no latent rows), each document is one
+                  bidirectional block (block_ids = its document id at every valid position), labels are the
+                  clean tokens themselves and loss_mask carries the ELBO weight of each masked position.
 
 Latent patches travel separately, one row per latent position in row-major (b, s) order:
 
@@ -56,6 +61,7 @@ class Batch:
     latent_t: torch.Tensor
     velocity_target: Optional[torch.Tensor] = None
     fm_loss_mask: Optional[torch.Tensor] = None
+    token_modality: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -122,7 +128,14 @@ class Batch:
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"Batch.{name} has {value.shape[0]} rows, expected {n}")
-        if ((self.block_ids >= 0) != image).any():
+        if self.token_modality is not None:
+            if tuple(self.token_modality.shape) != (b, s):
+                raise ValueError(f"Batch.token_modality has shape {tuple(self.token_modality.shape)}, expected {(b, s)}")
+            if n or ((self.block_ids >= 0) != (self.document_ids >= 0)).any():
+                raise ValueError("a discrete (masked-diffusion) Batch has no latent positions and every valid "
+                                 "position in its document's bidirectional block (block_ids >= 0 exactly where "
+                                 "document_ids >= 0)")
+        elif ((self.block_ids >= 0) != image).any():
             raise ValueError("Batch.block_ids must be >= 0 exactly at latent positions (modality == IMAGE)")
         if (self.noised & ~image).any():
             raise ValueError("Batch.noised is True at a text position; only latent positions can be noised")

@@ -88,6 +88,18 @@ class TokenMix:
                    attended_keys=docs * keys_per_doc)
 
 
+    @classmethod
+    def masked_diffusion(cls, cfg, sequences: Optional[int] = None) -> "TokenMix":
+        """objective.kind = masked_diffusion: every position is a discrete token with logits, and a row is one
+        bidirectional document (S^2 keys; packed text rows attend less: an upper bound). Anti-masking runs every
+        row twice."""
+        s = cfg.data.seq_length
+        n_seq = sequences if sequences is not None else cfg.training.global_batch_size
+        if cfg.objective.masked_diffusion.anti_masking:
+            n_seq *= 2
+        return cls(text_tokens=float(n_seq * s), latent_tokens=0.0, attended_keys=float(n_seq * s * s))
+
+
 def _ffn_params_per_token(config, modality: str) -> float:
     """Per-layer FFN parameters one token of `modality` runs: its MoE layer if config.moe_modalities names it (a
     plain megatron config without that field: MoE everywhere when num_moe_experts is set), else the dense FFN."""

@@ -36,6 +36,8 @@ from megafusion.checkpoint.checkpointer import checkpoint_root, resume, save_che
 from megafusion.checkpoint.train_state import TrainState
 from megafusion.config import Config, save_config, to_yaml
 from megafusion.data.loader import build_data_iterators, open_datasets
+from megafusion.discrete.loader import build_discrete_iterators
+from megafusion.discrete.vocab import MODALITY_NAMES
 from megafusion.model import build_transformer_config, model_provider
 from megafusion.objectives import build_loss_weighting, reduce_for_weighting
 from megafusion.parallel.initialize import ParallelInfo, collective_device, destroy_parallel, initialize_parallel
@@ -43,7 +45,7 @@ from megafusion.parallel.liveness import name_lost_peers
 from megafusion.parallel.wrapping import use_bf16, wrap_model
 from megafusion.training.exit_record import write_exit_record
 from megafusion.training.flops import TokenMix, flops_per_step, steps_from_flops_budget
-from megafusion.training.forward_step import average_reports, make_forward_step, noisy_microbatches
+from megafusion.training.forward_step import average_reports, is_summed, make_forward_step, noisy_microbatches
 from megafusion.training import batch_rescale
 from megafusion.training.metrics import MetricsWriter, format_line, resolve_peak_flops
 from megafusion.training.moe_metrics import MoEMeter
@@ -58,6 +60,7 @@ logger = logging.getLogger("megafusion.train")
 STOP_CAUSES = {"exit_interval": "training.exit_interval", "exit_duration": "training.exit_duration_minutes",
                "signal": "a signal"}
 REPORT_KEYS = ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "text_tokens", "latent_tokens")
+MASKED_KEYS = tuple(f"md_{kind}_{m}" for m in MODALITY_NAMES for kind in ("sum", "count"))
 
 
 def clip_by_total_norm(optimizer, grad_norm: float) -> None:
@@ -83,7 +86,8 @@ def train(cfg: Config) -> List[Dict[str, float]]:
         lock = claim_run_folder(cfg, checkpoint_root(cfg))
         trainer = None  # a collective failing on a lost peer -> PeerLostError naming it and the step (liveness.py)
         with name_lost_peers(lambda: trainer.state.step if trainer is not None else None):
-            datasets = open_datasets(cfg)  # validated before the model is built: bad data is named first
+            # validated before the model is built: bad data is named first
+            datasets = open_datasets(cfg) if cfg.objective.kind == "flow_matching" else None
             trainer = Trainer(cfg, info, datasets)
             return trainer.run()
     finally:
@@ -102,7 +106,9 @@ class Trainer:
             raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
                              f"micro_batch_size * data-parallel size = {t.micro_batch_size} * {info.dp_size}")
         self.model = wrap_model(partial(model_provider, cfg), cfg)
-        mix = TokenMix.estimate(cfg, latent_fraction=0.5)
+        self.masked = cfg.objective.kind == "masked_diffusion"
+        self.report_keys = ("loss", "masked_tokens") + MASKED_KEYS if self.masked else REPORT_KEYS
+        mix = TokenMix.masked_diffusion(cfg) if self.masked else TokenMix.estimate(cfg, latent_fraction=0.5)
         self.flops_per_step = flops_per_step(build_transformer_config(cfg), mix)
         self.total_steps = t.train_steps if t.train_steps is not None else steps_from_flops_budget(
             t.flops_budget, self.flops_per_step)
@@ -130,11 +136,12 @@ class Trainer:
             self.last_saved_step = self.state.step
             if info.rank == 0:
                 logger.info("resumed from %s at step %d of %d", loaded.path, self.state.step, self.total_steps)
-        self.train_iter, self.valid_iter = build_data_iterators(
+        build_iterators = build_discrete_iterators if self.masked else build_data_iterators
+        self.train_iter, self.valid_iter = build_iterators(
             cfg, info.dp_rank, info.dp_size, self.state.consumed_samples,
             data_state=loaded.data_state if loaded is not None else None, datasets=datasets)
         self.forward_backward = get_forward_backward_func()
-        self.forward_step = make_forward_step(self.weighting)
+        self.forward_step = make_forward_step(self.weighting, cfg.objective)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else None
         self.is_logger = info.rank == 0
         self.metrics = MetricsWriter(t.run_dir, self.is_logger, cfg.logging.tensorboard, resume_step=self.state.step,
@@ -164,23 +171,28 @@ class Trainer:
             model=self.model,
             num_microbatches=len(batches),
             seq_length=self.cfg.data.seq_length,
-            micro_batch_size=self.cfg.training.micro_batch_size,
+            micro_batch_size=batches[0].batch_size,  # 2x training.micro_batch_size with anti-masking
             forward_only=forward_only,
         )
 
     def _global(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Means over micro-batches and DP ranks (token counts summed), identical on every rank."""
         local = average_reports(reports) if reports else {}
-        vec = torch.tensor([float(local.get(k, 0.0)) for k in REPORT_KEYS], dtype=torch.float64,
+        keys = self.report_keys
+        vec = torch.tensor([float(local.get(k, 0.0)) for k in keys], dtype=torch.float64,
                            device=collective_device())
         if not self.info.is_last_stage:
             vec.zero_()
         dist.all_reduce(vec)  # only last-stage ranks contribute: tp_size * dp_size of them
         vec /= self.info.tp_size
-        values = {k: float(v) for k, v in zip(REPORT_KEYS, vec.cpu().tolist())}
-        for k in REPORT_KEYS:
-            if not k.endswith("_tokens"):
+        values = {k: float(v) for k, v in zip(keys, vec.cpu().tolist())}
+        for k in keys:
+            if not is_summed(k):
                 values[k] /= self.info.dp_size
+        for m in MODALITY_NAMES if self.masked else ():
+            total, count = values.pop(f"md_sum_{m}"), values.pop(f"md_count_{m}")
+            if count > 0:  # per-position NELBO of the modality's positions in this step
+                values[f"loss_{m}"] = total / count
         return values
 
     def train_step(self) -> Dict[str, float]:

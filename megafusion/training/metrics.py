@@ -137,7 +137,8 @@ def _plain(value):
 
 def format_line(step: int, total: int, values: Dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
-    for key in ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "moe_aux_loss", "grad_norm", "lr",
+    for key in ("loss", "loss_ce", "loss_fm", "weight_ce", "weight_fm", "loss_text", "loss_image", "loss_audio",
+                "moe_aux_loss", "grad_norm", "lr",
                 "tokens_per_s", "mfu"):
         if key in values and values[key] is not None:
             v = _plain(values[key])
