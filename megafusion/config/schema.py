@@ -255,7 +255,8 @@ class DataConfig:
 class MaskScheduleConfig:
     """Masking probability beta(t) of one modality (megafusion/objectives/masked_diffusion.py)."""
     kind: str = "linear"
-    """linear: t; cosine: 1 - cos(pi t / 2); polynomial: t^exponent (the tri-modal paper finds polynomial best)."""
+    """linear: t; cosine: sin(pi t / 2) (MaskGIT's cosine: more masked at a given t); polynomial: t^exponent (the
+    tri-modal paper finds polynomial best)."""
     exponent: float = 1.0
     """polynomial only: the exponent a > 0 (a > 1 masks less at a given t)."""
 

@@ -6,7 +6,7 @@ by MASK_m independently with probability beta_m(t), from one uniform u per posit
 Schedules beta(t), all with beta(0) = 0, beta(1) = 1, increasing:
 
     linear       t
-    cosine       1 - cos(pi t / 2)
+    cosine       sin(pi t / 2)   (MaskGIT's cos(pi r / 2) with r = 1 - t: masks more at a given t than linear)
     polynomial   t^a            (a = exponent)
 
 Loss: the continuous-time ELBO of the masked process (MDLM / LLaDA) is
@@ -49,7 +49,7 @@ def schedule_beta(kind: str, t: torch.Tensor, exponent: float = 1.0) -> torch.Te
     if kind == "linear":
         return t
     if kind == "cosine":
-        return 1.0 - torch.cos(0.5 * math.pi * t)
+        return torch.sin(0.5 * math.pi * t)
     if kind == "polynomial":
         return t.pow(exponent)
     raise ValueError(f"unknown masking schedule {kind!r}; choose one of {SCHEDULES}")
@@ -61,7 +61,7 @@ def schedule_weight(kind: str, t: torch.Tensor, exponent: float = 1.0) -> torch.
         return 1.0 / t
     if kind == "cosine":
         half = 0.5 * math.pi * t
-        return 0.5 * math.pi * torch.sin(half) / (1.0 - torch.cos(half))
+        return 0.5 * math.pi * torch.cos(half) / torch.sin(half)
     if kind == "polynomial":
         return exponent / t
     raise ValueError(f"unknown masking schedule {kind!r}; choose one of {SCHEDULES}")
