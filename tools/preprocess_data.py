@@ -6,6 +6,12 @@
 
 Re-running the same command resumes (finished shards are kept). Exit status 1 with a message when the rejected
 fraction exceeds --max-reject-fraction. See docs/preprocessing.md.
+
+The masked-diffusion family (unified discrete vocabulary; docs/masked_diffusion_data.md) writes token ids only:
+
+    python tools/preprocess_data.py --family masked_diffusion --input data/*.parquet --output out/ds_md \
+        --tokenizer out/tok.model --image-tokenizer '{"name": "palette", "config": {"resolution": 32}}' \
+        --audio-tokenizer '{"name": "mulaw", "config": {"sample_rate": 4000}}' --max-mixed-length 1024
 """
 
 import argparse
@@ -48,6 +54,16 @@ def build_parser():
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--min-image-size", type=int, default=32, help="reject images with a shorter side below this")
     p.add_argument("--max-reject-fraction", type=float, default=0.05)
+    md = p.add_argument_group("masked_diffusion family (--family masked_diffusion; the encoder flags do not apply)")
+    md.add_argument("--family", choices=("flow_matching", "masked_diffusion"), default="flow_matching",
+                    help="flow_matching: tokens + encoder latents; masked_diffusion: unified discrete ids")
+    md.add_argument("--image-tokenizer", metavar="JSON_SPEC",
+                    help='image tokenizer spec (inline JSON or a .json file), e.g. {"name": "palette", "config": {}}')
+    md.add_argument("--audio-tokenizer", metavar="JSON_SPEC",
+                    help='audio tokenizer spec (inline JSON or a .json file), e.g. {"name": "mulaw", "config": {}}')
+    md.add_argument("--max-mixed-length", type=int, default=1024,
+                    help="reject image-text / audio-text documents longer than this (must fit data.seq_length)")
+    md.add_argument("--audio-column", default="audio", help="column holding WAV bytes or a WAV path")
     run = p.add_argument_group("execution")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--records-per-shard", type=int, default=2000)
@@ -87,12 +103,39 @@ def options_from_args(args, argv):
         command=" ".join(shlex.quote(a) for a in ["tools/preprocess_data.py", *argv]))
 
 
+def discrete_options_from_args(args, argv):
+    from megafusion.discrete.preprocess import DiscretePreprocessOptions
+
+    foreign = [flag for flag, value in (("--encoder-path", args.encoder_path), ("--resolution", args.resolution),
+                                        ("--encoder-arg", args.encoder_arg)) if value]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: flow_matching flags; --family masked_diffusion codes images and "
+                         f"audio with --image-tokenizer / --audio-tokenizer")
+    if args.workers != 1:
+        print("preprocess_data: note: --family masked_diffusion runs in one process (--workers ignored)",
+              file=sys.stderr)
+    return DiscretePreprocessOptions(
+        inputs=args.input, output=args.output, tokenizer=args.tokenizer, image_tokenizer=args.image_tokenizer,
+        audio_tokenizer=args.audio_tokenizer, max_mixed_length=args.max_mixed_length,
+        min_image_size=args.min_image_size, max_reject_fraction=args.max_reject_fraction,
+        columns=columns_from_args(args), audio_column=args.audio_column, kind=args.kind, overwrite=args.overwrite,
+        progress=not args.no_progress,
+        command=" ".join(shlex.quote(a) for a in ["tools/preprocess_data.py", *argv]))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from megafusion.preprocess import PreprocessError, run_preprocess
 
     try:
+        if args.family == "masked_diffusion":
+            from megafusion.discrete.preprocess import run_discrete_preprocess
+
+            run_discrete_preprocess(discrete_options_from_args(args, argv))
+            return
+        if args.image_tokenizer or args.audio_tokenizer:
+            raise ValueError("--image-tokenizer / --audio-tokenizer belong to --family masked_diffusion")
         run_preprocess(options_from_args(args, argv))
     except (PreprocessError, ValueError, FileNotFoundError) as exc:
         print(f"preprocess_data: error: {exc}", file=sys.stderr)

@@ -52,6 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="encoder setting, e.g. path=models/vae or resolution=256 (repeatable)")
     g.add_argument("--no-cache", action="store_true", help="recompute every sequence at every step (reference)")
+    g = p.add_argument_group("masked-diffusion checkpoints (objective.kind=masked_diffusion; "
+                             "megafusion/inference/masked/cli.py)")
+    g.add_argument("--order", choices=("confidence", "random"), default="confidence",
+                   help="which masked positions a step reveals: the most confident (low-confidence remasking) or "
+                        "random ones")
+    g.add_argument("--block-length", type=int, default=0,
+                   help="semi-autoregressive blocks of a text span, unmasked left to right (0 = one block)")
+    g.add_argument("--audio-seconds", type=float, default=0.5, help="length of generated audio without \"seconds\"")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -98,6 +106,13 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    if args.batch_size < 1:
+        print(f"megafusion generate: --batch-size {args.batch_size} must be >= 1", file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        masked = _masked_family(args)
+        if masked is not None:
+            return masked
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
@@ -154,6 +169,28 @@ def run(args) -> int:
                                   "device": str(gen.device)})
             print(f"wrote {path}")
         return 0
+    finally:
+        destroy_parallel()
+
+
+def _masked_family(args) -> Optional[int]:
+    """Run a masked-diffusion checkpoint through its own sampler; None for the flow-matching family."""
+    import os
+
+    from megafusion.inference.loading import CheckpointNotFoundError, find_checkpoint, generation_config
+    from megafusion.parallel.initialize import destroy_parallel
+
+    try:
+        folder = find_checkpoint(args.checkpoint)
+        cfg = generation_config(folder / "config.yaml", int(os.environ.get("WORLD_SIZE", "1")), args.precision)
+    except (CheckpointNotFoundError, FileNotFoundError, ValueError):
+        return None  # the flow-matching path reports it with its full context
+    if cfg.objective.kind != "masked_diffusion":
+        return None
+    from megafusion.inference.masked.cli import run_masked
+
+    try:
+        return run_masked(args, folder, cfg)
     finally:
         destroy_parallel()
 

@@ -126,16 +126,29 @@ def check_encoder(encoder, cfg: Config, where: str) -> None:
                          f"latent_size); use the encoder the model was trained with")
 
 
+def load_model(folder: Path, cfg: Config, device: Optional[str] = None):
+    """Initialise megatron's parallel state for `cfg` (generation_config's layout), build the model on `device`
+    (default: the parallel state's), load the weights of `folder` and switch to eval: (model, step, device)."""
+    from megafusion.checkpoint.checkpointer import load_checkpoint
+    from megafusion.model import model_provider
+    from megafusion.parallel.initialize import initialize_parallel
+
+    info = initialize_parallel(cfg.parallel, cfg.training.seed)
+    target = torch.device(device) if device else info.device
+    model = model_provider(cfg)
+    model.to(target)
+    loaded = load_checkpoint(folder, [model], optimizer=None)
+    model.eval()
+    return model, int(loaded.train_state.step), target
+
+
 def load_for_generation(checkpoint, *, precision: str = "auto", device: Optional[str] = None,
                         tokenizer: Optional[str] = None, encoder: Optional[str] = None,
                         encoder_config: Optional[dict] = None, overrides: List[str] = (),
                         use_cache: bool = True) -> Generator:
     """Build the model of `checkpoint`, load its weights and open its tokenizer and encoder (module docstring)."""
-    from megafusion.checkpoint.checkpointer import load_checkpoint
     from megafusion.encoders import build_encoder
     from megafusion.inference.engine import Engine
-    from megafusion.model import model_provider
-    from megafusion.parallel.initialize import initialize_parallel
     from megafusion.preprocess.tokenization import TextTokenizer
 
     folder = find_checkpoint(checkpoint)
@@ -162,18 +175,13 @@ def load_for_generation(checkpoint, *, precision: str = "auto", device: Optional
         frozen = build_encoder(spec["name"], **(spec.get("config") or {}))
         check_encoder(frozen, cfg, str(folder.parent / ENCODER_FILE))
 
-    info = initialize_parallel(cfg.parallel, cfg.training.seed)
-    target = torch.device(device) if device else info.device
-    model = model_provider(cfg)
-    model.to(target)
-    loaded = load_checkpoint(folder, [model], optimizer=None)
-    model.eval()
+    model, step, target = load_model(folder, cfg, device)
     if frozen is not None and target.type == "cuda":
         frozen.device = str(target)
     engine = Engine(model, vocab_size=cfg.model.vocab_size, context_length=cfg.data.seq_length,
                     conditioning=cfg.objective.captioning, use_cache=use_cache, device=target)
-    logger.info("loaded %s (step %d) for generation: tp=%d, %s, %s", folder, loaded.train_state.step, world,
+    logger.info("loaded %s (step %d) for generation: tp=%d, %s, %s", folder, step, world,
                 "bf16" if model.config.bf16 else "fp32", target)
     return Generator(cfg=cfg, model=model, engine=engine, tokenizer=text_tokenizer, encoder=frozen,
-                     manifest=manifest, checkpoint=folder, step=int(loaded.train_state.step), device=target,
+                     manifest=manifest, checkpoint=folder, step=step, device=target,
                      precision="bf16" if model.config.bf16 else "fp32")

@@ -37,9 +37,11 @@ from megafusion.checkpoint.train_state import TrainState
 from megafusion.config import Config, save_config, to_yaml
 from megafusion.data.loader import build_data_iterators, open_datasets
 from megafusion.discrete.loader import build_discrete_iterators
+from megafusion.discrete.rows import open_discrete_datasets
 from megafusion.discrete.vocab import MODALITY_NAMES
 from megafusion.model import build_transformer_config, model_provider
 from megafusion.objectives import build_loss_weighting, reduce_for_weighting
+from megafusion.objectives.masked_diffusion import vocab_from_config
 from megafusion.parallel.initialize import ParallelInfo, collective_device, destroy_parallel, initialize_parallel
 from megafusion.parallel.liveness import name_lost_peers
 from megafusion.parallel.wrapping import use_bf16, wrap_model
@@ -87,7 +89,8 @@ def train(cfg: Config) -> List[Dict[str, float]]:
         trainer = None  # a collective failing on a lost peer -> PeerLostError naming it and the step (liveness.py)
         with name_lost_peers(lambda: trainer.state.step if trainer is not None else None):
             # validated before the model is built: bad data is named first
-            datasets = open_datasets(cfg) if cfg.objective.kind == "flow_matching" else None
+            datasets = open_datasets(cfg) if cfg.objective.kind == "flow_matching" else open_discrete_datasets(
+                cfg.data.paths, vocab_from_config(cfg.objective.masked_diffusion), cfg.data.seq_length)
             trainer = Trainer(cfg, info, datasets)
             return trainer.run()
     finally:
