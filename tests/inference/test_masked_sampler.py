@@ -140,6 +140,23 @@ def test_generated_ids_in_allowed_range_and_no_mask_left(model):
             assert span.codes == (np.array(span.ids) - VOCAB.code_offsets[modality]).tolist()
 
 
+def test_per_position_code_ranges_are_respected(model):
+    """A tokenizer whose layout ties position j to a sub-codebook (Encodec: residual codebook j % n_q) gets only
+    codes of that sub-codebook there."""
+    from megafusion.encoders.discrete import build_discrete_tokenizer
+
+    def two_books(j):  # audio codebook of 8 = two residual books of 4
+        return (4 * (j % 2), 4 * (j % 2) + 4)
+
+    config = MaskedGenerationConfig(temperature=1.0, **FAST)
+    results = MaskedSampler(model, VOCAB, code_ranges={AUDIO: two_books}).generate(prompts(), config)
+    codes = results[2].spans[0].codes
+    assert len(codes) == 6 and all(two_books(j)[0] <= c < two_books(j)[1] for j, c in enumerate(codes))
+    unrestricted = MaskedSampler(model, VOCAB).generate(prompts(), config)[2].spans[0].codes
+    assert any(not two_books(j)[0] <= c < two_books(j)[1] for j, c in enumerate(unrestricted))  # it did bind
+    assert build_discrete_tokenizer({"name": "mulaw", "config": {}}).code_range(5) == (0, 64)
+
+
 def test_batched_cfg_forward_equals_two_forwards(model):
     sampler = MaskedSampler(model, VOCAB)
     rows = [layout_row(p, VOCAB)[0] for p in prompts()]

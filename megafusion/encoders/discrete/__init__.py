@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -49,7 +49,12 @@ class DiscreteTokenizer:
     def decode(self, codes) -> np.ndarray:
         raise NotImplementedError
 
-    def check_codes(self, codes, length: int = None) -> np.ndarray:
+    def code_range(self, position: int) -> Tuple[int, int]:
+        """[lo, hi) of the codes that may stand at `position` of an item's code sequence (generation restricts
+        each position to it): the whole codebook, unless the layout ties positions to sub-codebooks."""
+        return 0, self.codebook_size
+
+    def check_codes(self, codes, length: Optional[int] = None) -> np.ndarray:
         """codes (any int sequence / array / tensor) -> 1-D int64 array in [0, codebook_size), or a ValueError."""
         if hasattr(codes, "detach"):  # torch tensor
             codes = codes.detach().cpu().numpy()

@@ -3,8 +3,8 @@
 - ``read_wav(path_or_bytes) -> (float32 mono waveform in [-1, 1], sample_rate)``: integer PCM WAV, 8-bit
   (unsigned), 16-, 24- or 32-bit (signed); channels are averaged. Anything else (not a WAV, float or compressed
   WAV, a truncated file) raises a ValueError naming the file and the fix.
-- ``write_wav(path, waveform, sample_rate)``: mono 16-bit PCM, atomic (a temporary file in the same folder, then
-  os.replace), so a reader never sees half a file.
+- ``write_wav(path, waveform, sample_rate)``: mono 16-bit PCM (x * 2^15, clipped), atomic (a temporary file in the
+  same folder, then os.replace), so a reader never sees half a file.
 - ``resample(waveform, src_rate, dst_rate)``: linear interpolation (numpy.interp) on the output sample times
   i * src_rate / dst_rate; when downsampling, a box (moving-average) pre-filter of width round(src_rate / dst_rate)
   first damps the content above the new Nyquist frequency. Cheap and dependency-free, not studio quality: use a
@@ -85,7 +85,8 @@ def write_wav(path: Union[str, os.PathLike], waveform, sample_rate: int) -> str:
     if int(sample_rate) <= 0:
         raise ValueError(f"write_wav: {os.fspath(path)}: sample_rate={sample_rate} must be positive")
     samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-    pcm = np.rint(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    # the same scale read_wav divides by (2^15), so a write/read round trip is exact to half a step; +1.0 clips
+    pcm = np.clip(np.rint(np.clip(samples, -1.0, 1.0) * 32768.0), -32768, 32767).astype("<i2")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".wav", dir=folder)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -95,6 +95,11 @@ class EncodecTokenizer(AudioTokenizer):
     @property
     def codebook_size(self) -> int:
         return self.num_quantizers * self.codes_per_entry
+
+    def code_range(self, position: int) -> Tuple[int, int]:
+        """Position j of the frame-major layout holds a code of residual codebook j % n_q."""
+        q = position % self.num_quantizers
+        return q * self.codes_per_entry, (q + 1) * self.codes_per_entry
 
     @property
     def frame_rate(self) -> float:

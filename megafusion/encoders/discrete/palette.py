@@ -56,11 +56,15 @@ class PaletteTokenizer(ImageTokenizer):
         side = self.resolution // self.patch
         return (side, side)
 
-    def palette(self) -> np.ndarray:
-        """uint8 [codebook_size, 3]: the RGB colour decode paints for each code."""
-        codes = np.arange(self.codebook_size)
-        levels = np.stack([codes // self.levels ** 2, (codes // self.levels) % self.levels, codes % self.levels], 1)
+    def colours(self, codes) -> np.ndarray:
+        """int codes [n] -> uint8 [n, 3]: the RGB colour decode paints for each code."""
+        codes = np.asarray(codes, dtype=np.int64)
+        levels = np.stack([codes // self.levels ** 2, (codes // self.levels) % self.levels, codes % self.levels], -1)
         return self.level_values[levels]
+
+    def palette(self) -> np.ndarray:
+        """uint8 [codebook_size, 3]: every code's colour (levels^3 rows: 16.7M for levels=256)."""
+        return self.colours(np.arange(self.codebook_size))
 
     # ------------------------------------------------------------------ work
     def encode(self, image) -> np.ndarray:
@@ -77,6 +81,6 @@ class PaletteTokenizer(ImageTokenizer):
         """int codes [tokens_per_item] -> uint8 [R, R, 3], each patch painted its palette colour."""
         codes = self.check_codes(codes, length=self.tokens_per_item)
         h, w = self.grid
-        colours = self.palette()[codes].reshape(h, 1, w, 1, 3)
+        colours = self.colours(codes).reshape(h, 1, w, 1, 3)
         image = np.broadcast_to(colours, (h, self.patch, w, self.patch, 3))
         return np.ascontiguousarray(image.reshape(self.resolution, self.resolution, 3))

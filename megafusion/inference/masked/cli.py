@@ -134,7 +134,11 @@ def run_masked(args, folder: Path, cfg) -> int:
         print(f"megafusion generate: {exc}", file=sys.stderr)
         return 2
     model, step, device = load_model(folder, cfg, args.device)
-    sampler = MaskedSampler(model, vocab, device=device)
+    from megafusion.encoders.discrete import DiscreteTokenizer
+
+    code_ranges = {m: tok.code_range for m, tok in ((IMAGE, image_tok), (AUDIO, audio_tok))
+                   if tok is not None and type(tok).code_range is not DiscreteTokenizer.code_range}
+    sampler = MaskedSampler(model, vocab, device=device, code_ranges=code_ranges)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

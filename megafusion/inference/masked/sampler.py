@@ -31,7 +31,7 @@ state, so a prompt gives the same tokens alone or in any batch, and temperature 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -226,8 +226,12 @@ class _Sample:
 
 
 class MaskedSampler:
-    def __init__(self, model, vocab: UnifiedVocab, device=None):
+    def __init__(self, model, vocab: UnifiedVocab, device=None, code_ranges: Optional[Dict[int, Callable]] = None):
+        """`code_ranges`: per modality, position j of a span -> [lo, hi) of the codes allowed there (a tokenizer's
+        `code_range`, e.g. Encodec's frame-major layout ties position j to residual codebook j % n_q); without one
+        every position may take any of its modality's codes."""
         self.model, self.vocab = model, vocab
+        self.code_ranges = dict(code_ranges or {})
         if device is None:
             params = getattr(model, "parameters", None)
             device = next(iter(params()), torch.zeros(0)).device if params else torch.device("cpu")
@@ -268,6 +272,8 @@ class MaskedSampler:
                 scores = logits[at, j]
                 if guided:
                     scores = guide(scores, logits[at, len(active) + j], config.cfg_scale)
+                if phase.modality in self.code_ranges:
+                    scores = self._restrict(scores, masked - sample.ranges[phase.span][0], phase.modality)
                 step = sample.scheduler.step_index
                 out = sample.scheduler.step(scores, masked, sample.tokens, sample.generator, config.order,
                                             config.temperature, config.top_k, config.top_p, allowed[phase.modality])
@@ -277,6 +283,15 @@ class MaskedSampler:
                     sample._next_phase()
             call += 1
         return [self._result(s) for s in samples]
+
+    def _restrict(self, scores: torch.Tensor, offsets: torch.Tensor, modality: int) -> torch.Tensor:
+        """-inf outside each position's code range (offsets: positions within the span)."""
+        start = self.vocab.content_range(modality)[0]
+        columns = torch.arange(scores.shape[-1], device=scores.device)
+        bounds = torch.tensor([self.code_ranges[modality](int(j)) for j in offsets.tolist()],
+                              dtype=torch.long, device=scores.device).view(-1, 2) + start
+        inside = (columns >= bounds[:, :1]) & (columns < bounds[:, 1:])
+        return scores.masked_fill(~inside, float("-inf"))
 
     def _result(self, sample: _Sample) -> MaskedGenerationResult:
         vocab, spans = self.vocab, []
