@@ -26,11 +26,15 @@ def _parser() -> argparse.ArgumentParser:
 
     generate_arguments(sub.add_parser("generate", help="generate text and images from a checkpoint"))
     demo = sub.add_parser("demo", help="corpus -> tokenizer -> preprocessing -> training -> generation -> scores")
-    demo.add_argument("--out", default="out/demo", help="demo folder (report in <out>/report/report.md)")
-    demo.add_argument("--minutes", type=float, default=15.0, help="time budget of the whole demo on this machine")
+    demo.add_argument("--out", default=None, help="demo folder (report in <out>/report/report.md)")
+    demo.add_argument("--minutes", type=float, default=None,
+                      help="time budget of the whole demo on this machine (default 15; masked_diffusion: 8)")
     demo.add_argument("--compare-weighting", action="store_true",
                       help="also train with fixed loss weighting on the same budget and report both")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world, the corpus and training")
+    demo.add_argument("--family", choices=("flow_matching", "masked_diffusion"), default="flow_matching",
+                      help="flow_matching: the Transfusion demo; masked_diffusion: the tri-modal masked-diffusion "
+                           "demo (megafusion/demo/masked/run.py; default --out out/demo_masked, --minutes 8)")
     from megafusion.planning.cli import add_arguments as plan_arguments
 
     plan_arguments(sub.add_parser("plan", help="parameters, per-GPU memory, FLOPs and wall-clock on N GPUs"))
@@ -51,7 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megafusion.demo.pipeline import Pipeline, StageFailed
 
         try:
-            Pipeline(args.out, args.minutes, args.compare_weighting, args.seed).run()
+            if args.family == "masked_diffusion":
+                from megafusion.demo.masked.run import MaskedDemo
+
+                MaskedDemo(args.out or "out/demo_masked", 8.0 if args.minutes is None else args.minutes, args.seed).run()
+            else:
+                Pipeline(args.out or "out/demo", 15.0 if args.minutes is None else args.minutes, args.compare_weighting, args.seed).run()
         except (StageFailed, ValueError) as exc:
             print(f"megafusion demo: {exc}", file=sys.stderr)
             return 1

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 ATTENTION_BACKENDS = ("auto", "dense", "segmented", "flex", "te")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-MOE_MODALITIES = ("text", "image")
+MOE_MODALITIES = ("text", "image", "audio")  # audio: the masked-diffusion family's audio-code FFN
 MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")
@@ -42,7 +42,7 @@ class MoEConfig:
     num_experts: Optional[int] = None
     """Routed experts per modality and layer (--num-experts); None or 0 = dense FFNs. Must be divisible by
     parallel.expert_model_parallel_size, which spreads them over ranks."""
-    modalities: List[str] = field(default_factory=lambda: list(MOE_MODALITIES))
+    modalities: List[str] = field(default_factory=lambda: ["text", "image"])
     """Modalities whose FFN is an MoE layer: any of text, image (needs model.modality_ffn=true)."""
     router_topk: int = 2
     """Experts each token is routed to (--moe-router-topk), at most num_experts; with 1 the softmax is taken
@@ -661,9 +661,9 @@ class Config:
                f"the unified vocabulary's size {size} (text {md.text_vocab_size} + image codes "
                f"{md.image_codebook_size} + audio codes {md.audio_codebook_size} + specials and tasks); set "
                f"model.vocab_size={size}")
-        _check(not m.modality_ffn and not m.modality_attention,
-               "objective.kind=masked_diffusion runs every position through one FFN (all positions are discrete "
-               "tokens); set model.modality_ffn=false and model.modality_attention=false")
+        _check(not m.modality_attention, "objective.kind=masked_diffusion supports modality FFNs "
+               "(model.modality_ffn: text, image codes, audio codes) but not per-modality attention; set "
+               "model.modality_attention=false")
         _check(self.objective.loss_weighting == "fixed", "objective.kind=masked_diffusion has one loss term; set "
                "objective.loss_weighting=fixed")
 
@@ -675,6 +675,9 @@ class Config:
             return
         _check(moe.num_experts % ep == 0, f"model.moe.num_experts={moe.num_experts} is not divisible by "
                f"parallel.expert_model_parallel_size={ep}")
+        _check("audio" not in moe.modalities or self.objective.kind == "masked_diffusion",
+               "model.moe.modalities names audio, whose FFN exists only in the masked-diffusion family "
+               "(objective.kind=masked_diffusion); remove it")
         # megatron-core: biases of TP-sharded experts (expert tensor parallel size = TP) are not supported
         _check(tp == 1 or not self.model.add_bias_linear,
                f"model.moe with parallel.tensor_model_parallel_size={tp} and model.add_bias_linear=true: megatron-core "

@@ -76,6 +76,9 @@ def load_single_process(checkpoint) -> tuple:
 
     folder = find_checkpoint(checkpoint)
     cfg = generation_config(folder / "config.yaml", 1, "fp32", ["model.transformer_impl=local"])
+    if cfg.objective.kind != "flow_matching":
+        raise ValueError(f"{folder}: a {cfg.objective.kind} checkpoint; the Hugging Face format covers the "
+                         f"flow-matching family only (docs/hf.md)")
     initialize_parallel(cfg.parallel, cfg.training.seed)
     try:
         model = build_uninitialized(cfg)

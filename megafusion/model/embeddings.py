@@ -123,8 +123,10 @@ class MultimodalEmbedding(MegatronModule):
             config=config,
             tp_group=tp_group,
         )
-        self.patch_embed = make_linear(config, config.patch_dim, config.hidden_size)
-        self.timestep_embed = TimestepEmbedding(config)
+        self.latent_io = getattr(config, "latent_io", True)
+        if self.latent_io:  # the masked-diffusion family has no latent positions (MultimodalTransformerConfig)
+            self.patch_embed = make_linear(config, config.patch_dim, config.hidden_size)
+            self.timestep_embed = TimestepEmbedding(config)
         self.patches_per_frame = (config.latent_size // config.patch_size) ** 2
         positions = None
         if config.patch_position_embedding == "sincos2d":
@@ -134,6 +136,11 @@ class MultimodalEmbedding(MegatronModule):
 
     def forward(self, batch: Batch, layout: AttentionLayout) -> torch.Tensor:
         """-> [s, b, h] ([s/tp, b, h] under sequence parallelism)"""
+        if not self.latent_io:
+            if batch.num_latent_positions:
+                raise ValueError("this model has no latent input (a masked-diffusion model: objective.kind="
+                                 "masked_diffusion) but the batch holds latent positions")
+            return self._finish(self.word_embeddings(batch.tokens).transpose(0, 1).contiguous())
         if batch.noisy_latents.shape[-1] != self.config.patch_dim:
             raise ValueError(
                 f"Batch.noisy_latents has patch_dim {batch.noisy_latents.shape[-1]} but the model expects "
@@ -153,6 +160,10 @@ class MultimodalEmbedding(MegatronModule):
             latents = latents + self.patch_positions.to(latents.dtype).index_select(0, index)
         # every branch runs even with N = 0, so all parameters take part in every step on every rank
         embeddings = text.view(s * b, h).index_copy(0, latent_rows(layout), latents.to(text.dtype)).view(s, b, h)
+        return self._finish(embeddings)
+
+    def _finish(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Residual dtype, dropout, and under sequence parallelism this rank's slice."""
         if self.config.fp32_residual_connection:
             embeddings = embeddings.float()
         if not self.config.sequence_parallel:

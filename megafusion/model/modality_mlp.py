@@ -1,4 +1,5 @@
-"""ModalityMLP: the FFN slot of a transformer layer with separate weights per modality (text, image).
+"""ModalityMLP: the FFN slot of a transformer layer with separate weights per modality (text, image; audio codes in
+the masked-diffusion family).
 
 Each modality's rows of the hidden states are gathered, run through that modality's own FFN, and scattered back:
 
@@ -47,7 +48,6 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megafusion.data.batch import MODALITY_IMAGE, MODALITY_TEXT
 from megafusion.model.attention.layout import AttentionLayout
 from megafusion.model.moe import run_moe_rows
 
@@ -57,7 +57,9 @@ class ModalityMLPSubmodules:
     text: ModuleSpec
     """FFN of text (and padding) positions."""
     image: ModuleSpec
-    """FFN of latent (image / video frame) positions."""
+    """FFN of latent (image / video frame) positions; in the masked-diffusion family, of image-code positions."""
+    audio: Optional[ModuleSpec] = None
+    """Masked-diffusion family only: FFN of audio-code positions (routed by AttentionLayout.route)."""
 
 
 def _mlp_kwargs(spec, pg_collection: ProcessGroupCollection) -> dict:
@@ -95,7 +97,8 @@ class ModalityMLP(MegatronModule):
         if self.tp_size > 1 and not config.sequence_parallel:
             moe = copy.copy(config)
             moe.sequence_parallel = True
-        for name in ("text", "image"):
+        self.names = ("text", "image") + (("audio",) if submodules.audio is not None else ())
+        for name in self.names:
             spec = getattr(submodules, name)
             inner = moe if _is_moe(spec) else dense
             setattr(self, name, build_module(spec, config=inner, **_mlp_kwargs(spec, pg_collection)))
@@ -106,12 +109,13 @@ class ModalityMLP(MegatronModule):
 
     def set_layer_number(self, layer_number: int) -> None:
         """Forwarded to submodules that track it (megatron's MoE layer)."""
-        for module in (self.text, self.image):
+        for _, module in self.branches():
             if hasattr(module, "set_layer_number"):
                 module.set_layer_number(layer_number)
 
     def branches(self):
-        return ((MODALITY_TEXT, self.text), (MODALITY_IMAGE, self.image))
+        """(FFN path id, module) pairs: text = 0, image = 1 (latents, or image codes), audio codes = 2."""
+        return tuple((i, getattr(self, name)) for i, name in enumerate(self.names))
 
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[AttentionLayout] = None, **kwargs
@@ -152,7 +156,8 @@ class ModalityMLP(MegatronModule):
             out, bias = module(x.unsqueeze(0), padding_mask=padding.unsqueeze(1))  # [1, n, h]: n one-token seqs
             outputs.append((out if bias is None else out + bias).reshape(-1, out.shape[-1])[:n])
         # one gather puts the concatenated branch outputs back in [s*b] order
-        merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout)).view(s, b, -1)
+        merged = torch.cat(outputs, dim=0).index_select(0, _inverse_permutation(layout, len(self.names)))
+        merged = merged.view(s, b, -1)
         if self.config.sequence_parallel:
             merged = tensor_parallel.scatter_to_sequence_parallel_region(merged, group=self.tp_group)
         return merged, None
@@ -175,15 +180,17 @@ def _row_padding(layout: AttentionLayout, modality: int) -> torch.Tensor:
     return layout.cached(f"modality_mlp_padding_{modality}", build)
 
 
-def _inverse_permutation(layout: AttentionLayout) -> torch.Tensor:
-    """Index that maps cat(text rows, image rows) back to sequence-first [s*b] order."""
+def _inverse_permutation(layout: AttentionLayout, paths: int = 2) -> torch.Tensor:
+    """Index that maps cat(rows of path 0, 1, ..) (text, image[, audio]) back to sequence-first [s*b] order."""
 
     def build():
-        order = torch.cat([layout.modality_rows(MODALITY_TEXT), layout.modality_rows(MODALITY_IMAGE)])
+        order = torch.cat([layout.modality_rows(m) for m in range(paths)])
         if order.numel() != layout.seq_length * layout.batch_size:
-            raise ValueError("AttentionLayout.modality has values other than MODALITY_TEXT / MODALITY_IMAGE")
+            raise ValueError(f"AttentionLayout routes positions to FFN paths other than the layer's {paths} "
+                             f"(text, image[, audio]); an audio-code position needs the masked-diffusion family's "
+                             f"audio FFN")
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return inverse
 
-    return layout.cached("modality_mlp_inverse", build)
+    return layout.cached(f"modality_mlp_inverse_{paths}", build)

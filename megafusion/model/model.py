@@ -93,7 +93,8 @@ class MultimodalModel(LanguageModule):
                 config, self.vocab_size, skip_weight=pre_process and self.share_embeddings_and_output_weights,
                 tp_group=self.pg_collection.tp,
             )
-            self.velocity_head = VelocityHead(config, tp_group=self.pg_collection.tp)
+            if getattr(config, "latent_io", True):
+                self.velocity_head = VelocityHead(config, tp_group=self.pg_collection.tp)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
@@ -124,7 +125,7 @@ class MultimodalModel(LanguageModule):
         hidden_states = self.decoder(hidden_states=decoder_input, attention_mask=layout, rotary_pos_emb=rotary_pos_emb)
         if not self.post_process:
             return hidden_states  # [s, b, h]
-        velocity = self.velocity_head(hidden_states, layout)
+        velocity = self.velocity_head(hidden_states, layout) if hasattr(self, "velocity_head") else None
         if inference_context is not None:
             positions = inference_context.logit_positions
             if positions is None:

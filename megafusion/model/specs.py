@@ -97,12 +97,17 @@ def get_ffn_spec(config, use_te: bool, modality: str) -> ModuleSpec:
 
 def get_modality_mlp_spec(config, use_te: bool, text: Optional[ModuleSpec] = None,
                           image: Optional[ModuleSpec] = None) -> ModuleSpec:
-    """ModalityMLP with one FFN per modality; each defaults to get_ffn_spec's (dense or MoE, from config)."""
+    """ModalityMLP with one FFN per modality of config.ffn_modalities; each defaults to get_ffn_spec's (dense or
+    MoE, from config)."""
+    audio = None
+    if "audio" in getattr(config, "ffn_modalities", ()):
+        audio = get_ffn_spec(config, use_te, "audio")
     return ModuleSpec(
         module=ModalityMLP,
         submodules=ModalityMLPSubmodules(
             text=text if text is not None else get_ffn_spec(config, use_te, "text"),
             image=image if image is not None else get_ffn_spec(config, use_te, "image"),
+            audio=audio,
         ),
     )
 

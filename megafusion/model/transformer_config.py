@@ -46,6 +46,12 @@ class MultimodalTransformerConfig(TransformerConfig):
     """Tie the LM head to the token embedding."""
     transformer_impl: str = "local"
     """local (megatron's torch layers) or transformer_engine; resolved from model.transformer_impl (never auto)."""
+    latent_io: bool = True
+    """Patch and timestep embeddings and the velocity head (the flow-matching family); the masked-diffusion family
+    reads and predicts discrete tokens only and builds none of them."""
+    ffn_modalities: Tuple[str, ...] = ("text", "image")
+    """FFN paths of a modality FFN (model.modality_ffn): text and image; the masked-diffusion family adds audio
+    (its discrete modalities route by Batch.token_modality through AttentionLayout.route)."""
     moe_modalities: Tuple[str, ...] = ()
     """Modalities (text, image) whose FFN is megatron's MoE layer (model.moe.modalities); empty = dense FFNs.
     The MoE fields themselves are megatron's (num_moe_experts, moe_router_topk, ...)."""
@@ -119,6 +125,8 @@ def build_transformer_config(cfg: Config, *, use_cpu_initialization: bool = True
         latent_size=m.latent_size,
         patch_size=m.patch_size,
         modality_ffn=m.modality_ffn,
+        ffn_modalities=("text", "image", "audio") if cfg.objective.kind == "masked_diffusion" else ("text", "image"),
+        latent_io=cfg.objective.kind == "flow_matching",
         modality_attention=m.modality_attention,
         timestep_embed_dim=m.timestep_embed_dim,
         patch_position_embedding=m.patch_position_embedding,

@@ -37,6 +37,11 @@ from megafusion.model.transformer_config import default_ffn_hidden_size, padded_
 
 FIRST, LAST, LAYERS = "first", "last", "layers"
 MODALITIES = ("text", "image")
+MASKED_MODALITIES = ("text", "image", "audio")  # objective.kind=masked_diffusion: discrete tokens, an audio FFN
+
+
+def modalities_of(cfg: Config) -> tuple:
+    return MASKED_MODALITIES if cfg.objective.kind == "masked_diffusion" else MODALITIES
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class ParameterCounts:
     components: List[Component]
     num_layers: int
     padded_vocab: int
+    modalities: tuple = MODALITIES
 
     @property
     def total(self) -> int:
@@ -86,8 +92,8 @@ class ParameterCounts:
 
     def active(self, modality: str) -> int:
         """Parameters one token of `modality` runs through (Mixtral's convention: its embedding / head included)."""
-        if modality not in MODALITIES:
-            raise ValueError(f"modality {modality!r} is not one of {MODALITIES}")
+        if modality not in self.modalities:
+            raise ValueError(f"modality {modality!r} is not one of {self.modalities}")
         return int(round(sum(c.total(self.num_layers) * c.active for c in self.components
                              if c.unique and c.modality in (None, modality))))
 
@@ -159,13 +165,14 @@ def count_parameters(cfg: Config) -> ParameterCounts:
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
     patch, t = m.patch_dim, m.timestep_embed_dim
     tied = m.share_embeddings_and_output_weights
+    masked = cfg.objective.kind == "masked_diffusion"  # every token is discrete: one vocabulary, no latent I/O
+    token = None if masked else "text"
 
-    parts = [
-        Component("embedding", "embedding.word_embeddings.weight", vocab * h, FIRST, tp, modality="text"),
-        Component("latent_io", "embedding.patch_embed", patch * h + h, FIRST, tensors=2, modality="image"),
-        Component("latent_io", "embedding.timestep_embed", t * h + h + h * h + h, FIRST, tensors=4,
-                  modality="image"),
-    ]
+    parts = [Component("embedding", "embedding.word_embeddings.weight", vocab * h, FIRST, tp, modality=token)]
+    if not masked:
+        parts += [Component("latent_io", "embedding.patch_embed", patch * h + h, FIRST, tensors=2, modality="image"),
+                  Component("latent_io", "embedding.timestep_embed", t * h + h + h * h + h, FIRST, tensors=4,
+                            modality="image")]
     attention = [(f"decoder.layers.*.{{}}.{name}", name) for name in MODALITIES] if m.modality_attention else [
         ("decoder.layers.*.{}", None)]
     for pattern, modality in attention:
@@ -185,14 +192,15 @@ def count_parameters(cfg: Config) -> ParameterCounts:
                       Component("attention", pattern.format("self_attention.linear_proj.bias"), h, LAYERS, 1,
                                 modality=modality)]
     if m.modality_ffn:
-        for modality in MODALITIES:
+        for modality in modalities_of(cfg):
             parts += _ffn(cfg, f"ffn.{modality}", f"decoder.layers.*.mlp.{modality}", modality, tp, ep)
     else:
         parts += _ffn(cfg, "ffn", "decoder.layers.*.mlp", None, tp, ep)
     parts.append(Component("norms", "decoder.final_layernorm", norm, LAST, tensors=norm // h))
     if not tied or pp > 1:  # tied across stages: the last stage keeps a synchronised copy of the embedding
-        parts.append(Component("lm_head", "output_layer.weight", vocab * h, LAST, tp, modality="text",
+        parts.append(Component("lm_head", "output_layer.weight", vocab * h, LAST, tp, modality=token,
                                unique=not tied))
-    parts.append(Component("latent_io", "velocity_head.linear", h * patch + patch, LAST, tensors=2,
-                           modality="image"))
-    return ParameterCounts(parts, m.num_layers, vocab)
+    if not masked:
+        parts.append(Component("latent_io", "velocity_head.linear", h * patch + patch, LAST, tensors=2,
+                               modality="image"))
+    return ParameterCounts(parts, m.num_layers, vocab, modalities_of(cfg))

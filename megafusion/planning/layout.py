@@ -79,7 +79,9 @@ class Layout:
             raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
                              f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
                              f"(--gpus={gpus}); change the batch sizes or --gpus")
-        return cls(gpus=gpus, tp=tp, pp=pp, ep=ep, dp=dp, vpp=vpp, micro_batch=t.micro_batch_size,
+        # masked diffusion with anti-masking runs two copies of every row through the model
+        copies = 2 if cfg.objective.kind == "masked_diffusion" and cfg.objective.masked_diffusion.anti_masking else 1
+        return cls(gpus=gpus, tp=tp, pp=pp, ep=ep, dp=dp, vpp=vpp, micro_batch=t.micro_batch_size * copies,
                    num_microbatches=t.global_batch_size // per_step, sequence_parallel=p.sequence_parallel,
                    distributed_optimizer=p.use_distributed_optimizer)
 

@@ -34,7 +34,8 @@ def model_flops_per_step(cfg: Config, latent_fraction: float) -> float:
     moe = dataclasses.replace(cfg.model.moe, grouped_gemm=False)
     model = dataclasses.replace(cfg.model, attention_backend="dense", transformer_impl="local", moe=moe)
     return flops_per_step(build_transformer_config(dataclasses.replace(cfg, model=model)),
-                          TokenMix.estimate(cfg, latent_fraction=latent_fraction))
+                          TokenMix.masked_diffusion(cfg) if cfg.objective.kind == "masked_diffusion"
+                          else TokenMix.estimate(cfg, latent_fraction=latent_fraction))
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Plan:
             "precision": "bf16" if self.profile.bf16 else "fp32", "device": self.profile.device,
             "attention_backend": self.profile.backend, "recompute": self.recompute,
             "parameters": {"total": self.counts.total, "by_group": self.counts.by_group(),
-                           "active_per_token": {m: self.counts.active(m) for m in ("text", "image")},
+                           "active_per_token": {m: self.counts.active(m) for m in self.counts.modalities},
                            "per_gpu": {"dense": per_gpu[0], "expert": per_gpu[1], "stage": peak.stage},
                            "padded_vocab": self.counts.padded_vocab},
             "memory": {"gpu_bytes": self.gpu_memory, "peak_bytes": peak.total, "peak_stage": peak.stage,
@@ -107,10 +108,9 @@ class Plan:
         for group, n in self.counts.by_group().items():
             lines.append(f"  {group:<42}{_count(n):>14}")
         dense, expert, _ = self.counts.per_rank(peak.stage, lay.pp)
-        lines += [f"  {'total':<42}{_count(self.counts.total):>14}",
-                  f"  {'active per text token':<42}{_count(self.counts.active('text')):>14}",
-                  f"  {'active per image token':<42}{_count(self.counts.active('image')):>14}",
-                  f"  {f'on one GPU of stage {peak.stage}':<42}{_count(dense + expert):>14}", ""]
+        lines.append(f"  {'total':<42}{_count(self.counts.total):>14}")
+        lines += [f"  {f'active per {m} token':<42}{_count(self.counts.active(m)):>14}" for m in self.counts.modalities]
+        lines += [f"  {f'on one GPU of stage {peak.stage}':<42}{_count(dense + expert):>14}", ""]
         for stage in self.stages:
             lines.append(f"{f'memory per GPU, stage {stage.stage}':<44}{'GiB':>14}")
             for name, value in stage.terms().items():
@@ -163,6 +163,8 @@ def make_plan(cfg: Config, gpus: int, *, name: str = "", gpu_memory: float = DEF
         raise ValueError("--gpu-memory must be positive")
     if not 0.0 <= latent_fraction <= 1.0:
         raise ValueError(f"--latent-fraction={latent_fraction} must be in [0, 1]")
+    if cfg.objective.kind == "masked_diffusion":
+        latent_fraction = 0.0  # every position is a discrete token
     layout = Layout.resolve(cfg, gpus)
     profile = Profile.resolve(cfg, device)
     counts = count_parameters(cfg)

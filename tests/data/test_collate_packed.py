@@ -75,7 +75,8 @@ def test_collate_packed_writes_every_field_into_given_arrays(dataset):
     ref = collate_packed(rows, 64, P, PATCH_DIM, dataset.frame_token)
     assert set(given) == set(fields) == {f.name for f in dataclasses.fields(Batch)} - {"noisy_latents",
                                                                                         "velocity_target",
-                                                                                        "fm_loss_mask"}
+                                                                                        "fm_loss_mask",
+                                                                                        "token_modality"}
     for name, value in fields.items():
         assert value is given[name]
         assert torch.equal(torch.from_numpy(value), getattr(ref, name)), name

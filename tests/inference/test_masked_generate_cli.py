@@ -98,3 +98,10 @@ def test_bad_prompts_are_named(run, capsys, line, message):
     assert _generate(root, run_dir, [line], "bad") == 2
     err = capsys.readouterr().err
     assert message in err and "bad.jsonl:1" in err
+
+
+def test_hugging_face_export_refuses_the_masked_family(run, capsys):
+    root, run_dir = run
+    code = load_tool("convert_checkpoint").main(["to-hf", "--checkpoint", run_dir, "--out", os.path.join(root, "hf")])
+    assert code != 0 and "flow-matching family only" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(root, "hf", "config.json"))

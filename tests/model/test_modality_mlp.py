@@ -227,3 +227,42 @@ def test_aux_loss_free_expert_bias_moves_towards_even_loads():
     _update_router_expert_bias([mlp], config)
     bias = router.expert_bias
     assert (bias[counts < counts.mean()] > 0).all() and (bias[counts > counts.mean()] < 0).all()
+
+
+@pytest.mark.parametrize("moe_config", [MoEConfig(), moe(modalities=["text", "image", "audio"])])
+def test_masked_diffusion_routes_text_image_and_audio_codes_to_their_own_ffn(moe_config):
+    """The masked-diffusion family's discrete batch: every position is a token (modality TEXT); its FFN path is its
+    discrete modality (AttentionLayout.route from Batch.token_modality), with a third FFN for audio codes."""
+    import numpy as np
+
+    from megafusion.config.schema import MaskedDiffusionConfig, ObjectiveConfig
+    from megafusion.discrete.batch import discrete_batch
+    from megafusion.discrete.vocab import AUDIO, IMAGE, TEXT, UnifiedVocab
+
+    vocab = UnifiedVocab(60, 16, 8)
+    md = MaskedDiffusionConfig(text_vocab_size=60, image_codebook_size=16, audio_codebook_size=8)
+    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                                   vocab_size=vocab.size, transformer_impl="local", attention_backend="dense",
+                                   moe=moe_config),
+                 data=DataConfig(seq_length=24), objective=ObjectiveConfig(kind="masked_diffusion", loss_weighting="fixed",
+                                                                           masked_diffusion=md),
+                 training=TrainingConfig(precision="fp32"))
+    config = build_transformer_config(cfg)
+    assert config.ffn_modalities == ("text", "image", "audio")
+    mlp = build_mlp(config)
+    rows = [[vocab.document("image_text", [(TEXT, [1, 2]), (IMAGE, vocab.codes_to_ids(IMAGE, np.arange(6)))])],
+            [vocab.document("audio_text", [(TEXT, [3]), (AUDIO, vocab.codes_to_ids(AUDIO, np.arange(5)))]),
+             vocab.document("text", [(TEXT, [4, 5])])]]
+    batch = discrete_batch(rows, 24, vocab)
+    layout = AttentionLayout.from_batch(batch)
+    hidden = torch.randn(24, 2, config.hidden_size)
+    with torch.no_grad():
+        out, _ = mlp(hidden, padding_mask=layout)
+        outs = []
+        for module in (mlp.text, mlp.image, mlp.audio):
+            o, bias = module(hidden)
+            outs.append(o)
+        path = batch.token_modality.clamp(min=0).t()  # [s, b]
+        expected = torch.stack(outs)[path, torch.arange(24)[:, None], torch.arange(2)[None, :]]
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert {0, 1, 2} <= set(path.unique().tolist())

@@ -87,3 +87,31 @@ def test_every_preset_loads():
 
     for preset in ("reference", "reference_moe32", "reference_moe128", "reference_moe1008", "7b", "7b_moe"):
         assert main(["config", "--config", preset]) == 0
+
+
+@pytest.mark.parametrize("moe", [None, dict(num_experts=4, modalities=["image", "audio"], ffn_hidden_size=32)])
+def test_masked_diffusion_counts_equal_its_model(moe):
+    """The masked-diffusion family: no latent I/O, a third FFN for audio codes, the vocabulary used by every token."""
+    import dataclasses
+
+    from megafusion.config.schema import Config, MaskedDiffusionConfig, MoEConfig, ObjectiveConfig
+    from megafusion.discrete.vocab import UnifiedVocab
+    from megafusion.model import MultimodalModel
+    from megafusion.model.transformer_config import build_transformer_config
+
+    base = tiny_config(vocab_size=UnifiedVocab(150, 32, 16).size)
+    model = dataclasses.replace(base.model, moe=MoEConfig(**moe)) if moe else base.model
+    objective = ObjectiveConfig(kind="masked_diffusion", loss_weighting="fixed", masked_diffusion=MaskedDiffusionConfig(
+        text_vocab_size=150, image_codebook_size=32, audio_codebook_size=16))
+    cfg = Config(model=model, data=base.data, objective=objective, training=base.training)
+    with megatron_cpu_single_process():
+        torch.manual_seed(0)
+        built = {n: p.numel() for n, p in MultimodalModel(build_transformer_config(cfg)).named_parameters()}
+    counts = count_parameters(cfg)
+    assert counts.total == sum(built.values())
+    assert not any("patch_embed" in n or "velocity_head" in n or "timestep" in n for n in built)
+    groups = counts.by_group()
+    assert "latent_io" not in groups and groups["ffn.audio"] == sum(n for k, n in built.items() if ".mlp.audio." in k)
+    assert counts.modalities == ("text", "image", "audio")
+    if not moe:  # a token runs everything but the other two modalities' FFNs
+        assert counts.active("text") == counts.total - groups["ffn.image"] - groups["ffn.audio"]

@@ -10,14 +10,17 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TEXT, IMAGE, AUDIO = 200, 32, 12
 MASKED = [
-    "objective.kind=masked_diffusion", "objective.loss_weighting=fixed", "model.modality_ffn=false",
+    "objective.kind=masked_diffusion", "objective.loss_weighting=fixed",
+    # one FFN per discrete modality; image and audio codes through their own experts (EP below)
+    "model.modality_ffn=true", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=32",
+    "model.moe.modalities=[image,audio]", "model.moe.aux_loss_coeff=0.1",
     f"objective.masked_diffusion.text_vocab_size={TEXT}", f"objective.masked_diffusion.image_codebook_size={IMAGE}",
     f"objective.masked_diffusion.audio_codebook_size={AUDIO}", f"model.vocab_size={UnifiedVocab(TEXT, IMAGE, AUDIO).size}",
     "objective.masked_diffusion.image_schedule.kind=cosine",
     "objective.masked_diffusion.audio_schedule.kind=polynomial", "objective.masked_diffusion.audio_schedule.exponent=2",
     "objective.masked_diffusion.anti_masking=true",  # micro-batches of 2 x micro_batch_size rows through the pipeline
 ]
-KEYS = ("loss", "grad_norm", "loss_text", "masked_tokens")
+KEYS = ("loss", "grad_norm", "loss_text", "masked_tokens", "moe_aux_loss")
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +52,15 @@ def test_single_process_logs_every_modality_and_learns(reference):
         # 4 rows x 2 copies per micro-batch: over a step the generated rows hold text and at least one media kind
         assert "loss_text" in r and ("loss_image" in r or "loss_audio" in r)
         assert "loss_fm" not in r
+        assert r["moe_aux_loss_image"] > 0 and r["moe_aux_loss_audio"] >= 0 and "moe_aux_loss_text" not in r
 
 
 def test_tensor_parallel_matches_single_process(reference, tp2_run):
     _assert_same(reference[2], tp2_run)
 
 
-@pytest.mark.parametrize("name, layout", [("pp2", ["parallel.pipeline_model_parallel_size=2"]), ("dp2", [])])
+@pytest.mark.parametrize("name, layout", [("pp2", ["parallel.pipeline_model_parallel_size=2"]), ("dp2", []),
+                                          ("ep2", ["parallel.expert_model_parallel_size=2"])])
 def test_layout_matches_single_process(reference, name, layout):
     tmp, common, single = reference
     _assert_same(single, run_train(tmp, name, common + layout, world_size=2))

@@ -42,6 +42,7 @@ class AttentionLayout:
     hide_noised: bool = False
     cache: Dict[str, object] = field(default_factory=dict)
     inference: Optional[Any] = None  # generation state (KV cache) read by the core attention; None in training
+    route: Optional[torch.Tensor] = None  # [b, s] FFN path per position when it differs from `modality`
 
     @classmethod
     def from_batch(cls, batch: Batch, hide_noised: bool = False) -> "AttentionLayout":
@@ -52,6 +53,9 @@ class AttentionLayout:
             noised=batch.noised,
             modality=batch.modality,
             hide_noised=hide_noised,
+            # masked-diffusion batches: every position is a discrete token (modality TEXT), the FFN path is its
+            # discrete modality (text / image codes / audio codes; padding goes with text)
+            route=batch.token_modality.clamp(min=0) if batch.token_modality is not None else None,
         )
 
     @property
@@ -93,10 +97,12 @@ class AttentionLayout:
 
     # ------------------------------------------------------------------ modality routing for the FFN
     def modality_rows(self, modality: int) -> torch.Tensor:
-        """Indices into hidden states flattened from [s, b, h] to [s*b, h] whose position has `modality`."""
+        """Indices into hidden states flattened from [s, b, h] to [s*b, h] whose position has `modality` (its FFN
+        path: `route` where set, else `modality`)."""
 
         def build():
-            flat = self.modality.transpose(0, 1).reshape(-1)  # [s*b], sequence-first like the hidden states
+            paths = self.route if self.route is not None else self.modality
+            flat = paths.transpose(0, 1).reshape(-1)  # [s*b], sequence-first like the hidden states
             return torch.nonzero(flat == modality).flatten()
 
         return self.cached(f"modality_rows_{modality}", build)
