@@ -5,6 +5,7 @@
     megafusion generate --checkpoint RUN --prompts prompts.jsonl --out DIR [options]   # text and images
     megafusion generate --hf HF_DIR ...                                               # from an exported folder
     megafusion demo     [--out out/demo] [--minutes 15] [--compare-weighting]           # the whole pipeline
+                        [--family masked_diffusion]                       # the tri-modal masked-diffusion demo
     megafusion plan     --config reference --gpus 128 [--json] [--gpu-memory 80GB] [overrides]   # memory, FLOPs
 """
 
@@ -58,9 +59,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.family == "masked_diffusion":
                 from megafusion.demo.masked.run import MaskedDemo
 
-                MaskedDemo(args.out or "out/demo_masked", 8.0 if args.minutes is None else args.minutes, args.seed).run()
+                minutes = 8.0 if args.minutes is None else args.minutes
+                MaskedDemo(args.out or "out/demo_masked", minutes, args.seed).run()
             else:
-                Pipeline(args.out or "out/demo", 15.0 if args.minutes is None else args.minutes, args.compare_weighting, args.seed).run()
+                minutes = 15.0 if args.minutes is None else args.minutes
+                Pipeline(args.out or "out/demo", minutes, args.compare_weighting, args.seed).run()
         except (StageFailed, ValueError) as exc:
             print(f"megafusion demo: {exc}", file=sys.stderr)
             return 1

@@ -27,8 +27,6 @@ it must fit data.seq_length. The run is one process; re-running the same command
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -44,7 +42,7 @@ from megafusion.discrete.dataset import MANIFEST, DiscreteDatasetWriter, remove_
 from megafusion.discrete.vocab import AUDIO, DEFAULT_TASKS, IMAGE, TEXT, UnifiedVocab
 from megafusion.preprocess.images import load_image
 from megafusion.preprocess.records import (KIND_MODES, Columns, ImageRef, RawRow, count_rows, input_format,
-                                           iter_rows, parse_record)
+                                           iter_rows, media_ref, parse_record)
 from megafusion.preprocess.rejects import REASONS, Rejected, reject_line
 from megafusion.preprocess.runner import PreprocessError
 from megafusion.preprocess.tokenization import TextTokenizer
@@ -197,27 +195,7 @@ class DiscreteRecord:
 
 
 def _audio_ref(value: Any, where: str, base: str) -> AudioRef:
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        if data is not None:
-            if isinstance(data, str):  # JSONL: base64
-                try:
-                    data = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise DiscreteRejected("undecodable_audio", f"{where}.bytes is not base64: {exc}") from None
-            value = data
-        elif path is not None:
-            value = path
-        else:
-            raise DiscreteRejected("missing_column", f"{where} has neither bytes nor path")
-    if isinstance(value, (bytes, bytearray)):
-        return AudioRef(data=bytes(value))
-    if isinstance(value, str):
-        if not value:
-            raise DiscreteRejected("missing_audio_file", f"{where} is an empty path")
-        return AudioRef(path=os.path.normpath(os.path.join(base, value)))
-    raise DiscreteRejected("wrong_type", f"{where} must be WAV bytes, a path or {{bytes, path}}, got "
-                                         f"{type(value).__name__}")
+    return media_ref(value, where, base, AudioRef, "audio", DiscreteRejected)
 
 
 def parse_discrete_record(raw: RawRow, columns: Columns, audio_column: str = "audio",

@@ -42,6 +42,15 @@ register_encoder("vae", _vae)
 register_encoder("hf-vision", _hf_vision)
 
 
+def import_object(target: str, where: str):
+    """"package.module:Attr" -> the object; ValueError naming `where` when it cannot be imported."""
+    module_name, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{where}: cannot import {attr} from {module_name}: {exc}") from exc
+
+
 def encoder_names():
     return sorted(_REGISTRY)
 
@@ -50,11 +59,7 @@ def build_encoder(name: str, **config) -> Encoder:
     if name in _REGISTRY:
         factory = _REGISTRY[name]
     elif ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"encoder {name!r}: cannot import {attr} from {module_name}: {exc}") from exc
+        factory = import_object(name, f"encoder {name!r}")
     else:
         raise ValueError(f"unknown encoder {name!r}; choose one of {encoder_names()} or 'package.module:Class'")
     try:

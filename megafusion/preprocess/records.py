@@ -262,6 +262,13 @@ def _text(values: dict, column: str) -> str:
 
 
 def _image(value: Any, where: str, base: str) -> ImageRef:
+    return media_ref(value, where, base, ImageRef, "image")
+
+
+def media_ref(value: Any, where: str, base: str, ref_cls, kind: str, rejected=Rejected):
+    """A media column's value (bytes, a path relative to `base`, or {bytes | path}; base64 bytes in JSONL) ->
+    ref_cls(data=...) or ref_cls(path=...); problems raise `rejected` with reasons undecodable_<kind>,
+    missing_<kind>_file, missing_column or wrong_type."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data is not None:
@@ -269,19 +276,19 @@ def _image(value: Any, where: str, base: str) -> ImageRef:
                 try:
                     data = base64.b64decode(data, validate=True)
                 except (binascii.Error, ValueError) as exc:
-                    raise Rejected("undecodable_image", f"{where}.bytes is not base64: {exc}") from None
+                    raise rejected(f"undecodable_{kind}", f"{where}.bytes is not base64: {exc}") from None
             value = data
         elif path is not None:
             value = path
         else:
-            raise Rejected("missing_column", f"{where} has neither bytes nor path")
+            raise rejected("missing_column", f"{where} has neither bytes nor path")
     if isinstance(value, (bytes, bytearray)):
-        return ImageRef(data=bytes(value))
+        return ref_cls(data=bytes(value))
     if isinstance(value, str):
         if not value:
-            raise Rejected("missing_image_file", f"{where} is an empty path")
-        return ImageRef(path=os.path.normpath(os.path.join(base, value)))
-    raise Rejected("wrong_type", f"{where} must be image bytes, a path or {{bytes, path}}, got {type(value).__name__}")
+            raise rejected(f"missing_{kind}_file", f"{where} is an empty path")
+        return ref_cls(path=os.path.normpath(os.path.join(base, value)))
+    raise rejected("wrong_type", f"{where} must be {kind} bytes, a path or {{bytes, path}}, got {type(value).__name__}")
 
 
 def _interleaved(values: dict, columns: Columns, base: str) -> List[Part]:

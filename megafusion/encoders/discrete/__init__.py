@@ -16,11 +16,12 @@ Every tokenizer exposes ``modality`` ("image" | "audio"), ``codebook_size`` (cod
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
+
+from megafusion.encoders import import_object
 
 MODALITIES = ("image", "audio")
 
@@ -144,7 +145,13 @@ class AudioTokenizer(DiscreteTokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-_REGISTRY: Dict[str, Callable[..., DiscreteTokenizer]] = {}
+# built-ins as "module:Class", imported when first built (vq / encodec pull in diffusers / transformers)
+_REGISTRY: Dict[str, Union[str, Callable[..., DiscreteTokenizer]]] = {
+    "palette": "megafusion.encoders.discrete.palette:PaletteTokenizer",
+    "vq": "megafusion.encoders.discrete.vq:VQTokenizer",
+    "mulaw": "megafusion.encoders.discrete.mulaw:MuLawTokenizer",
+    "encodec": "megafusion.encoders.discrete.encodec:EncodecTokenizer",
+}
 
 
 def register_discrete_tokenizer(name: str, factory: Callable[..., DiscreteTokenizer]) -> None:
@@ -152,50 +159,14 @@ def register_discrete_tokenizer(name: str, factory: Callable[..., DiscreteTokeni
     _REGISTRY[name] = factory
 
 
-def _palette(**config):
-    from megafusion.encoders.discrete.palette import PaletteTokenizer
-
-    return PaletteTokenizer(**config)
-
-
-def _vq(**config):
-    from megafusion.encoders.discrete.vq import VQTokenizer
-
-    return VQTokenizer(**config)
-
-
-def _mulaw(**config):
-    from megafusion.encoders.discrete.mulaw import MuLawTokenizer
-
-    return MuLawTokenizer(**config)
-
-
-def _encodec(**config):
-    from megafusion.encoders.discrete.encodec import EncodecTokenizer
-
-    return EncodecTokenizer(**config)
-
-
-register_discrete_tokenizer("palette", _palette)
-register_discrete_tokenizer("vq", _vq)
-register_discrete_tokenizer("mulaw", _mulaw)
-register_discrete_tokenizer("encodec", _encodec)
-
-
 def discrete_tokenizer_names():
     return sorted(_REGISTRY)
 
 
-def _accepted_keys(name: str, factory) -> str:
-    target = {"palette": "palette:PaletteTokenizer", "vq": "vq:VQTokenizer", "mulaw": "mulaw:MuLawTokenizer",
-              "encodec": "encodec:EncodecTokenizer"}.get(name)
+def _accepted_keys(factory) -> str:
     try:
-        if target is not None and factory is _REGISTRY.get(name):
-            module, _, attr = target.partition(":")
-            factory = getattr(importlib.import_module(f"megafusion.encoders.discrete.{module}"), attr)
-        params = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
-        return str(params)
-    except (TypeError, ValueError, ImportError, AttributeError):
+        return str([p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")])
+    except (TypeError, ValueError):
         return "(see the tokenizer's docstring)"
 
 
@@ -207,23 +178,17 @@ def build_discrete_tokenizer(spec: Dict[str, Any]) -> DiscreteTokenizer:
     name, config = spec["name"], spec.get("config") or {}
     if not isinstance(config, dict):
         raise ValueError(f"discrete tokenizer spec {spec!r}: 'config' must be a dict, got {type(config).__name__}")
-    if name in _REGISTRY:
-        factory = _REGISTRY[name]
-    elif ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"discrete tokenizer spec {spec!r}: cannot import {attr} from {module_name}: "
-                             f"{exc}") from exc
-    else:
+    if name not in _REGISTRY and ":" not in name:
         raise ValueError(f"discrete tokenizer spec {spec!r}: unknown name {name!r}; choose one of "
                          f"{discrete_tokenizer_names()} or 'package.module:Class'")
+    factory = _REGISTRY.get(name, name)
+    if isinstance(factory, str):
+        factory = import_object(factory, f"discrete tokenizer spec {spec!r}")
     try:
         tokenizer = factory(**config)
     except TypeError as exc:
         raise ValueError(f"discrete tokenizer spec {spec!r}: bad config keys {sorted(config)}; {name!r} accepts "
-                         f"{_accepted_keys(name, factory)} ({exc})") from exc
+                         f"{_accepted_keys(factory)} ({exc})") from exc
     if not isinstance(tokenizer, DiscreteTokenizer):
         raise TypeError(f"discrete tokenizer {name!r} built a {type(tokenizer).__name__}, not a "
                         f"megafusion.encoders.discrete.DiscreteTokenizer")
