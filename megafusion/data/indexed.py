@@ -55,6 +55,32 @@ _IDX_PREAMBLE = 34  # header 9 + version 8 + dtype code 1 + sequence count 8 + d
 _HASH_LIMIT = 64 << 20
 
 
+def read_manifest_file(path: str, required, version: int, writer: str, family: str = "flow_matching") -> dict:
+    """A dataset folder's manifest.json: present (else the folder is unfinished: `writer` makes it), a JSON object
+    of the model `family` (its "family" field; flow-matching manifests have none) with the `required` keys and
+    format_version `version`; DatasetFormatError naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise DatasetFormatError(f"{path}: missing; a dataset folder is complete only once {writer} has written its "
+                                 f"manifest (re-run preprocessing or point data.paths at a finished folder)")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(m, dict):
+        raise DatasetFormatError(f"{path}: must hold a JSON object, got {type(m).__name__}")
+    found = m.get("family", "flow_matching")
+    if found != family:
+        raise DatasetFormatError(f"{path}: a dataset of the {found} family, not {family}; train on it with "
+                                 f"objective.kind={found}")
+    for key in required:
+        if key not in m:
+            raise DatasetFormatError(f"{path}: manifest has no '{key}' field")
+    if m["format_version"] != version:
+        raise DatasetFormatError(f"{path}: format_version {m['format_version']}, this reader reads {version}")
+    return m
+
+
 class DatasetFormatError(ValueError):
     """A dataset folder does not match docs/DATA_FORMAT.md; the message names the file and the problem."""
 
@@ -100,23 +126,8 @@ class MultimodalDataset:
 
     def _load_manifest(self) -> dict:
         path = self._path(MANIFEST)
-        if not os.path.isfile(path):
-            raise DatasetFormatError(
-                f"{path}: missing; a dataset folder is complete only once tools/preprocess_data.py has written "
-                f"its manifest (re-run preprocessing or point data.paths at a finished folder)"
-            )
-        try:
-            with open(path) as f:
-                m = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{path}: not valid JSON ({e})") from e
-        for key in ("format_version", "latent_shape", "latent_storage", "counts", "files"):
-            if key not in m:
-                raise DatasetFormatError(f"{path}: manifest has no '{key}' field")
-        if m["format_version"] != FORMAT_VERSION:
-            raise DatasetFormatError(
-                f"{path}: format_version {m['format_version']}, this reader reads {FORMAT_VERSION}"
-            )
+        m = read_manifest_file(path, ("format_version", "latent_shape", "latent_storage", "counts", "files"),
+                               FORMAT_VERSION, "tools/preprocess_data.py")
         if m["latent_storage"] not in LATENT_STORAGE:
             raise DatasetFormatError(
                 f"{path}: latent_storage={m['latent_storage']!r} is not one of {sorted(LATENT_STORAGE)}"

@@ -31,7 +31,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from megafusion.data.indexed import DatasetFormatError
+from megafusion.data.indexed import DatasetFormatError, read_manifest_file
 from megafusion.discrete.vocab import UnifiedVocab
 from megafusion.preprocess.publish import write_manifest
 from megafusion.utils.files import file_sha256, fsync_file, publish_file
@@ -152,29 +152,8 @@ class DiscreteDataset:
 
     def _load_manifest(self) -> dict:
         path = self._path(MANIFEST)
-        if not os.path.isfile(path):
-            raise DatasetFormatError(
-                f"{path}: missing; a dataset folder is complete only once tools/preprocess_data.py --family "
-                f"masked_diffusion has written its manifest (re-run preprocessing or point data.paths at a finished "
-                f"folder)")
-        try:
-            with open(path) as f:
-                m = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetFormatError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(m, dict):
-            raise DatasetFormatError(f"{path}: must hold a JSON object, got {type(m).__name__}")
-        family = m.get("family")
-        if family != FAMILY:
-            raise DatasetFormatError(
-                f"{path}: family {family!r} is not {FAMILY!r}; this folder was not written by tools/preprocess_data.py "
-                f"--family masked_diffusion (flow-matching datasets are read with objective.kind=flow_matching)")
-        for key in ("format_version", "vocabulary", "counts", "files"):
-            if key not in m:
-                raise DatasetFormatError(f"{path}: manifest has no '{key}' field")
-        if m["format_version"] != FORMAT_VERSION:
-            raise DatasetFormatError(f"{path}: format_version {m['format_version']}, this reader reads "
-                                     f"{FORMAT_VERSION}")
+        m = read_manifest_file(path, ("format_version", "vocabulary", "counts", "files"), FORMAT_VERSION,
+                               "tools/preprocess_data.py --family masked_diffusion", family=FAMILY)
         if not isinstance(m["counts"], dict) or "documents" not in m["counts"]:
             raise DatasetFormatError(f"{path}: manifest counts has no 'documents' entry")
         return m

@@ -41,8 +41,9 @@ import numpy as np
 from megafusion.discrete.dataset import MANIFEST, DiscreteDatasetWriter, remove_dataset
 from megafusion.discrete.vocab import AUDIO, DEFAULT_TASKS, IMAGE, TEXT, UnifiedVocab
 from megafusion.preprocess.images import load_image
-from megafusion.preprocess.records import (KIND_MODES, Columns, ImageRef, RawRow, count_rows, input_format,
+from megafusion.preprocess.records import (KIND_MODES, Columns, ImageRef, RawRow, count_rows,
                                            iter_rows, media_ref, parse_record)
+from megafusion.preprocess.options import check_inputs
 from megafusion.preprocess.rejects import REASONS, Rejected, reject_line
 from megafusion.preprocess.runner import PreprocessError
 from megafusion.preprocess.tokenization import TextTokenizer
@@ -137,12 +138,7 @@ class DiscretePreprocessOptions:
     command: Optional[str] = None
 
     def __post_init__(self):
-        if not self.inputs:
-            raise ValueError("--input: give at least one parquet or JSONL file")
-        for path in self.inputs:
-            input_format(path)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--input {path}: no such file")
+        check_inputs(self.inputs)
         self.image_tokenizer = parse_tokenizer_spec(self.image_tokenizer, "--image-tokenizer")
         self.audio_tokenizer = parse_tokenizer_spec(self.audio_tokenizer, "--audio-tokenizer")
         if self.kind not in DISCRETE_KIND_MODES or self.kind in ("interleaved", "video"):

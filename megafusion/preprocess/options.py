@@ -15,6 +15,16 @@ from megafusion.preprocess.records import KIND_MODES, Columns, input_format
 START_METHODS = ("fork", "spawn", "forkserver")
 
 
+def check_inputs(inputs) -> None:
+    """--input: at least one file, each an existing parquet or JSONL file."""
+    if not inputs:
+        raise ValueError("--input: give at least one parquet or JSONL file")
+    for path in inputs:
+        input_format(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--input {path}: no such file")
+
+
 @dataclass
 class PreprocessOptions:
     inputs: List[str]
@@ -61,12 +71,7 @@ class PreprocessOptions:
     """The command line stored in the manifest."""
 
     def __post_init__(self):
-        if not self.inputs:
-            raise ValueError("--input: give at least one parquet or JSONL file")
-        for path in self.inputs:
-            input_format(path)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--input {path}: no such file")
+        check_inputs(self.inputs)
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"--latent-dtype {self.latent_dtype!r} is not one of {list(LATENT_DTYPES)}")
         if self.kind not in KIND_MODES:

@@ -129,3 +129,14 @@ def test_text_only_folder_with_empty_latents(tmp_path):
     ds = MultimodalDataset(path)
     assert ds.frame_counts.tolist() == [0, 0, 0]
     assert ds.document(2).latents.shape == (0, 4, 8, 8)
+
+
+def test_a_masked_diffusion_folder_is_refused_by_name(tmp_path):
+    import json as _json
+
+    from megafusion.data.indexed import DatasetFormatError, MultimodalDataset
+
+    (tmp_path / "manifest.json").write_text(_json.dumps({"family": "masked_diffusion", "format_version": 1}))
+    with pytest.raises(DatasetFormatError, match="masked_diffusion family, not flow_matching; train on it with "
+                                                  "objective.kind=masked_diffusion"):
+        MultimodalDataset(str(tmp_path))

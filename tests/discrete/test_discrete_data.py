@@ -290,7 +290,7 @@ def test_damaged_folders_are_refused_with_the_file_named(corpus, tmp_path):
              ("manifest.json", os.remove, "manifest.json: missing"),
              ("index.npy", shuffle_index, "index.npy: sha256 differs"),
              ("documents.npy", os.remove, "documents.npy: file missing"),
-             ("manifest.json", flow_family, "family None is not 'masked_diffusion'")]
+             ("manifest.json", flow_family, "a dataset of the flow_matching family, not masked_diffusion")]
     for i, (name, mutate, message) in enumerate(cases):
         folder = _damaged(src, str(tmp_path / f"d{i}"), name, mutate)
         with pytest.raises(DatasetFormatError, match=message):
