@@ -34,15 +34,21 @@ def sample_token(logits: torch.Tensor, settings: GenerationConfig, banned: torch
     scores = logits[: banned.numel()].float().cpu().masked_fill(banned, float("-inf"))
     if settings.temperature == 0.0:
         return int(torch.argmax(scores).item())
-    scores = scores / settings.temperature
-    if settings.top_k and settings.top_k < scores.numel():
-        kth = torch.topk(scores, settings.top_k).values[-1]
+    probs = filtered_probs(scores[None], settings.temperature, settings.top_k, settings.top_p)[0]
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def filtered_probs(scores: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling distribution of every row of scores [n, A] (temperature > 0): divide by the temperature, keep
+    the top_k largest, keep the smallest set reaching top_p (the most likely id always kept), renormalise."""
+    scores = scores / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
-        drop = before >= settings.top_p  # the most likely token is always kept
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely ids
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs

@@ -34,26 +34,11 @@ from typing import List, Optional
 
 import torch
 
+from megafusion.inference.sampling import filtered_probs
+
 from megafusion.objectives.masked_diffusion import SCHEDULES, schedule_beta
 
 ORDERS = ("confidence", "random")
-
-
-def filtered_probs(scores: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Sampling distribution of every row of scores [n, A] (temperature > 0): megafusion.inference.sampling's
-    rules, batched: divide by the temperature, keep the top_k largest, keep the smallest set reaching top_p (the
-    most likely id always kept), renormalise."""
-    scores = scores / temperature
-    if top_k and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely ids
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
 
 
 @dataclass
