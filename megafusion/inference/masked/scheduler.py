@@ -35,7 +35,6 @@ from typing import List, Optional
 import torch
 
 from megafusion.inference.sampling import filtered_probs
-
 from megafusion.objectives.masked_diffusion import SCHEDULES, schedule_beta
 
 ORDERS = ("confidence", "random")
