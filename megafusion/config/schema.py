@@ -281,6 +281,11 @@ class MaskedDiffusionConfig:
     audio_schedule: MaskScheduleConfig = field(default_factory=MaskScheduleConfig)
     t_floor: float = 1e-3
     """Lower bound on t for the masking probability and the 1/t-type weight (bounds the weight at 1/t_floor)."""
+    clean_text_fraction: float = 0.0
+    """Probability that a row holding image or audio codes keeps its text unmasked (only the media masked and in
+    the loss): trains generation of media from a clean prompt (docs/masked_diffusion.md, "Conditioning rows")."""
+    clean_media_fraction: float = 0.0
+    """Probability that such a row keeps its image / audio codes unmasked instead (text given media)."""
     anti_masking: bool = False
     """Also train on the complementary mask of every row (u > 1 - beta(t)), averaging both losses: lower variance
     at twice the forward cost; a micro-batch then runs 2 * training.micro_batch_size rows."""
@@ -290,6 +295,9 @@ class MaskedDiffusionConfig:
         _check(self.text_vocab_size >= 0 and self.image_codebook_size >= 0 and self.audio_codebook_size >= 0,
                f"{s}: vocabulary sizes must be >= 0")
         _check(0.0 < self.t_floor < 1.0, f"{s}.t_floor={self.t_floor} must be in (0, 1)")
+        _check(self.clean_text_fraction >= 0 and self.clean_media_fraction >= 0
+               and self.clean_text_fraction + self.clean_media_fraction <= 1.0,
+               f"{s}.clean_text_fraction + clean_media_fraction must lie in [0, 1]")
 
 
 @dataclass

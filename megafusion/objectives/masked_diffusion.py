@@ -26,6 +26,13 @@ in the other), which lowers the variance of the estimate below that of two indep
 construction; the tri-modal paper's exact variant is not public. The copies are the micro-batch's rows
 [0, b) and [b, 2b), so a micro-batch then runs 2 * training.micro_batch_size rows.
 
+Conditioning rows (clean_text_fraction, clean_media_fraction): with one masking time for the whole row, a caption is
+almost never fully visible while its image is mostly masked (at t = 0.7 a 6-token caption is whole with
+probability 0.3^6), so the model would rarely learn to generate media from a clean prompt. A row holding image or
+audio codes therefore keeps its text clean with probability clean_text_fraction (only the media is masked: the
+conditional ELBO of the media given the text, as LLaDA's and MMaDA's fine-tuning keep the prompt clean), or its
+media clean with probability clean_media_fraction (text given media); the remaining rows mask every position.
+
 Random draws come from the caller's generator (seeded per micro-batch by the training loop), a fixed number per
 micro-batch whatever its content, so every TP/PP/DP layout and a resumed run draw identical masks.
 """
@@ -33,7 +40,7 @@ micro-batch whatever its content, so every TP/PP/DP layout and a resumed run dra
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -83,18 +90,35 @@ def _per_modality(md_cfg, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(betas, dim=1), torch.stack(weights, dim=1)
 
 
-def draw(batch: Batch, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The uniforms of one micro-batch: t [b] and u [b, s] (always b + b*s draws, in this order)."""
+def draw(batch: Batch, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uniforms of one micro-batch: t [b], u [b, s] and the conditioning draw c [b] (always b + b*s + b
+    draws, in this order)."""
     b, s = batch.tokens.shape
     t = torch.rand(b, generator=generator, dtype=torch.float64)
     u = torch.rand(b, s, generator=generator, dtype=torch.float64)
-    return t, u
+    c = torch.rand(b, generator=generator, dtype=torch.float64)
+    return t, u, c
+
+
+def clean_positions(batch: Batch, md_cfg, c: torch.Tensor) -> torch.Tensor:
+    """[b, s] bool: positions kept clean as conditioning. A row holding image or audio codes keeps its text clean
+    when c < clean_text_fraction (the model learns media given text), else its media clean when c <
+    clean_text_fraction + clean_media_fraction (text given media); other rows mask every position."""
+    from megafusion.discrete.vocab import TEXT
+
+    tm = batch.token_modality
+    text = tm == TEXT
+    media = (tm > TEXT)
+    mixed = media.any(dim=1, keepdim=True)
+    keep_text = mixed & (c < md_cfg.clean_text_fraction).unsqueeze(1)
+    keep_media = mixed & ~keep_text & (c < md_cfg.clean_text_fraction + md_cfg.clean_media_fraction).unsqueeze(1)
+    return (keep_text & text) | (keep_media & media)
 
 
 def masked_copy(batch: Batch, vocab: UnifiedVocab, md_cfg, t: torch.Tensor, u: torch.Tensor,
-                complementary: bool = False) -> Batch:
+                complementary: bool = False, clean: Optional[torch.Tensor] = None) -> Batch:
     """Mask `batch` (clean: labels = tokens) with flow times t [b] and uniforms u [b, s]; the complementary copy
-    masks u > 1 - beta instead of u < beta."""
+    masks u > 1 - beta instead of u < beta; `clean` [b, s] positions stay unmasked and out of the loss."""
     if batch.token_modality is None:
         raise ValueError("masked diffusion needs a discrete Batch (token_modality set; megafusion.discrete)")
     t_eff = t.clamp(min=md_cfg.t_floor)
@@ -105,6 +129,8 @@ def masked_copy(batch: Batch, vocab: UnifiedVocab, md_cfg, t: torch.Tensor, u: t
     beta_pos = torch.gather(beta, 1, index)  # [b, s]
     weight_pos = torch.gather(weight, 1, index)
     masked = valid & ((u > 1.0 - beta_pos) if complementary else (u < beta_pos))
+    if clean is not None:
+        masked &= ~clean
     mask_ids = torch.tensor([vocab.mask(m) for m in range(len(MODALITY_NAMES))], dtype=batch.labels.dtype)
     tokens = torch.where(masked, mask_ids[index], batch.labels)
     loss_mask = torch.where(masked, weight_pos, torch.zeros_like(weight_pos)).float()
@@ -113,11 +139,12 @@ def masked_copy(batch: Batch, vocab: UnifiedVocab, md_cfg, t: torch.Tensor, u: t
 
 def mask_batch(batch: Batch, md_cfg, vocab: UnifiedVocab, generator: torch.Generator) -> Batch:
     """The training input of one clean discrete micro-batch (two stacked copies with anti-masking)."""
-    t, u = draw(batch, generator)
-    first = masked_copy(batch, vocab, md_cfg, t, u)
+    t, u, c = draw(batch, generator)
+    clean = clean_positions(batch, md_cfg, c)
+    first = masked_copy(batch, vocab, md_cfg, t, u, clean=clean)
     if not md_cfg.anti_masking:
         return first
-    return concat_batches([first, masked_copy(batch, vocab, md_cfg, t, u, complementary=True)])
+    return concat_batches([first, masked_copy(batch, vocab, md_cfg, t, u, complementary=True, clean=clean)])
 
 
 def drop_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -166,3 +166,21 @@ def test_masks_depend_only_on_the_generator():
     two = mask_batch(batch, _cfg(anti_masking=True), VOCAB, torch.Generator().manual_seed(7))
     assert torch.equal(one.tokens, two.tokens) and torch.equal(one.loss_mask, two.loss_mask)
     one.validate()
+
+
+def test_conditioning_rows_keep_their_text_or_media_clean():
+    batch = discrete_batch([[VOCAB.document("text", [(TEXT, np.arange(5))])]] * 100 + 400 * [[
+        VOCAB.document("image_text", [(TEXT, np.arange(6)), (IMAGE, VOCAB.codes_to_ids(IMAGE, np.arange(12)))])]],
+        24, VOCAB)
+    out = mask_batch(batch, _cfg(clean_text_fraction=0.5, clean_media_fraction=0.25), VOCAB,
+                     torch.Generator().manual_seed(11))
+    masked = out.loss_mask > 0
+    assert (VOCAB.is_mask(out.tokens) == masked).all()  # a clean position is neither masked nor in the loss
+    tm = batch.token_modality
+    text_masked = (masked & (tm == TEXT)).any(1)
+    media_masked = (masked & (tm > TEXT)).any(1)
+    mixed = slice(100, None)
+    keep_text = (~text_masked[mixed] & media_masked[mixed]).float().mean().item()
+    keep_media = (text_masked[mixed] & ~media_masked[mixed]).float().mean().item()
+    assert 0.4 < keep_text < 0.6 and 0.15 < keep_media < 0.35  # 1/2 and 1/4 of the mixed rows (up to t ~ 0 rows)
+    assert text_masked[:100].float().mean() > 0.5  # text-only rows are masked as before
