@@ -131,6 +131,8 @@ class InferenceStep:
     positions: torch.Tensor  # [b, n] RoPE position of every new position
     advance: torch.Tensor  # [b] how many new positions each row appends on commit()
     logit_positions: Optional[torch.Tensor] = None  # [b] new position whose logits are wanted; None = no logits
+    rope: Optional[Tuple[torch.Tensor, torch.Tensor, bool]] = None  # (cos, sin [n, b, 1, d], interleaved): set by
+    # MultimodalModel.forward, applied to q and k by HybridCoreAttention
     _masks: Dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -138,6 +138,14 @@ class ModalityMLP(MegatronModule):
                 f"s={layout.seq_length}]"
             )
         flat = hidden_states.reshape(s * b, h)
+        if layout.inference is not None:
+            only = _single_path(layout)
+            if only is not None and not _is_moe(self.branches()[only][1]):
+                # generation step whose rows all take one FFN (a text token, an image block): gathering, the other
+                # branches and the inverse permutation are identities; skip them (bitwise the same result)
+                out, bias = self.branches()[only][1](flat.unsqueeze(0), padding_mask=_row_padding(layout, only)
+                                                     .unsqueeze(1))
+                return (out if bias is None else out + bias).view(s, b, -1), None
         outputs = []
         for modality, module in self.branches():
             rows = layout.modality_rows(modality)
@@ -178,6 +186,17 @@ def _row_padding(layout: AttentionLayout, modality: int) -> torch.Tensor:
         return invalid.index_select(0, layout.modality_rows(modality))
 
     return layout.cached(f"modality_mlp_padding_{modality}", build)
+
+
+def _single_path(layout: AttentionLayout) -> Optional[int]:
+    """The FFN path of every position when they all share one, else None."""
+
+    def build():
+        paths = layout.route if layout.route is not None else layout.modality
+        first = int(paths.reshape(-1)[0])
+        return first if bool((paths == first).all()) else None
+
+    return layout.cached("modality_mlp_single_path", build)
 
 
 def _inverse_permutation(layout: AttentionLayout, paths: int = 2) -> torch.Tensor:

@@ -11,7 +11,8 @@ forward(batch, layout=None, inference_context=None):
     post_process stage: ModelOutput(logits [s, b, V_padded/tp], velocity [N, patch_dim]); others: hidden
 Generation passes its state as `inference_context` (megafusion.inference.kv_cache.InferenceStep, the counterpart
 of megatron GPTModel's inference_context): the batch then holds only the new positions, RoPE angles come from
-the context's per-row `positions`, attention reads and writes its KV cache (through the layout), and logits are
+the context's per-row `positions` (their cos / sin are computed once per forward and applied by the core
+attention, with megatron's own arithmetic), attention reads and writes its KV cache (through the layout), and logits are
 computed only at the context's `logit_positions` (one per row; None = no logits, e.g. a denoising step).
 Under sequence parallelism (config.sequence_parallel, TP > 1) hidden states between the embedding and the heads
 are this rank's slice [s/tp, b, h]: the embedding scatters, megatron's linears gather / reduce-scatter around
@@ -118,7 +119,11 @@ class MultimodalModel(LanguageModule):
                 raise ValueError("generation runs without sequence parallelism; build the model with "
                                  "parallel.sequence_parallel=false")
             layout.inference = inference_context
-            rotary_pos_emb = self._rotary_at(inference_context.positions, layout.device)
+            # RoPE is applied by the core attention from cos / sin computed once here, not by megatron's
+            # SelfAttention in every layer (two cos and two sin per layer: a decode step's largest overhead)
+            angles = self._rotary_at(inference_context.positions, layout.device)
+            inference_context.rope = (torch.cos(angles), torch.sin(angles), self.config.rotary_interleaved)
+            rotary_pos_emb = None
         else:
             rotary_pos_emb = self._rotary_embedding(batch.seq_length, layout.device)
         decoder_input = self.embedding(batch, layout) if self.pre_process else None

@@ -15,10 +15,19 @@ import math
 from typing import Optional
 
 import torch
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.transformer.module import MegatronModule
 
 from megafusion.model.attention.backends import get_attention_function
 from megafusion.model.attention.layout import AttentionLayout
+
+
+def apply_rope(t: torch.Tensor, rope) -> torch.Tensor:
+    """RoPE on t [s, b, heads, d] from precomputed (cos, sin [s, b, 1, d], interleaved): megatron-core 0.16.1's
+    _apply_rotary_pos_emb_bshd arithmetic (mscale 1, rotary over the whole head dim), so a generation step gets
+    bitwise the values megatron's SelfAttention computes in training (tests/model/test_megatron_rope.py)."""
+    cos, sin, interleaved = rope
+    return (t * cos.to(t.dtype)) + (_rotate_half(t, interleaved) * sin.to(t.dtype))
 
 
 class HybridCoreAttention(MegatronModule):
@@ -61,8 +70,11 @@ class HybridCoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("HybridCoreAttention takes neither attention_bias nor packed_seq_params")
         s, b, nq, d = query.shape
+        step = attention_mask.inference
+        if step is not None and step.rope is not None:
+            query, key = apply_rope(query, step.rope), apply_rope(key, step.rope)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
-        if attention_mask.inference is not None:
+        if step is not None:
             out = attention_mask.inference.attention(self.layer_number, q, k, v, attention_mask, self.softmax_scale,
                                                      self._fn)
             return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
