@@ -259,9 +259,14 @@ class MaskScheduleConfig:
     tri-modal paper finds polynomial best)."""
     exponent: float = 1.0
     """polynomial only: the exponent a > 0 (a > 1 masks less at a given t)."""
+    weighting: str = "elbo"
+    """elbo: a masked position's CE weighs beta'(t) / beta(t) (1/t for linear: the unbiased ELBO); none: weight 1,
+    MaskGIT's mask-prediction loss, which gives heavily masked states (generation's first steps) more weight than
+    the ELBO does; the loss is then no longer a likelihood bound."""
 
     def __post_init__(self):
         _choice("objective.masked_diffusion.*_schedule", "kind", self.kind, MASK_SCHEDULES)
+        _choice("objective.masked_diffusion.*_schedule", "weighting", self.weighting, ("elbo", "none"))
         _check(self.exponent > 0, f"objective.masked_diffusion.*_schedule.exponent={self.exponent} must be > 0")
 
 

@@ -13,7 +13,9 @@ Loss: the continuous-time ELBO of the masked process (MDLM / LLaDA) is
 
     E_t E_mask [ w(t) * sum over masked positions of -log p(x_i | x_masked) ],   w(t) = beta'(t) / beta(t)
 
-which is 1/t for the linear schedule (LLaDA's 1/t weight) and a/t for the polynomial one. Substituting b = beta(t)
+which is 1/t for the linear schedule (LLaDA's 1/t weight) and a/t for the polynomial one. A schedule's
+`weighting: none` drops the weight (MaskGIT's mask-prediction CE: heavily masked states count more than in the
+ELBO, which helps conditional media generation early in training; the loss is then not a bound). Substituting b = beta(t)
 shows the expectation does not depend on the schedule (test_masked_diffusion checks this against the exact sum
 over all masks of a small sequence). The per-micro-batch loss is that sum divided by the number of non-padding
 positions (an unbiased estimate of the NELBO per token); per-modality losses divide each modality's share by its
@@ -86,7 +88,8 @@ def _per_modality(md_cfg, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     for name in MODALITY_NAMES:
         sched = getattr(md_cfg, f"{name}_schedule")
         betas.append(schedule_beta(sched.kind, t, sched.exponent))
-        weights.append(schedule_weight(sched.kind, t, sched.exponent))
+        weights.append(schedule_weight(sched.kind, t, sched.exponent) if sched.weighting == "elbo"
+                       else torch.ones_like(t))
     return torch.stack(betas, dim=1), torch.stack(weights, dim=1)
 
 

@@ -184,3 +184,12 @@ def test_conditioning_rows_keep_their_text_or_media_clean():
     keep_media = (text_masked[mixed] & ~media_masked[mixed]).float().mean().item()
     assert 0.4 < keep_text < 0.6 and 0.15 < keep_media < 0.35  # 1/2 and 1/4 of the mixed rows (up to t ~ 0 rows)
     assert text_masked[:100].float().mean() > 0.5  # text-only rows are masked as before
+
+
+def test_unweighted_schedule_puts_weight_one_on_masked_positions():
+    cfg = _cfg(image_schedule=MaskScheduleConfig("cosine", weighting="none"))
+    out = mask_batch(_rows(64), cfg, VOCAB, torch.Generator().manual_seed(2))
+    image = (out.token_modality == IMAGE) & (out.loss_mask > 0)
+    text = (out.token_modality == TEXT) & (out.loss_mask > 0)
+    assert image.any() and (out.loss_mask[image] == 1).all()
+    assert (out.loss_mask[text] >= 1).all() and (out.loss_mask[text] > 1).any()  # text keeps its 1/t weight
