@@ -29,13 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="corpus -> tokenizer -> preprocessing -> training -> generation -> scores")
     demo.add_argument("--out", default=None, help="demo folder (report in <out>/report/report.md)")
     demo.add_argument("--minutes", type=float, default=None,
-                      help="time budget of the whole demo on this machine (default 15; masked_diffusion: 8)")
+                      help="time budget of the whole demo on this machine (default 15; masked_diffusion: 10)")
     demo.add_argument("--compare-weighting", action="store_true",
                       help="also train with fixed loss weighting on the same budget and report both")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world, the corpus and training")
     demo.add_argument("--family", choices=("flow_matching", "masked_diffusion"), default="flow_matching",
                       help="flow_matching: the Transfusion demo; masked_diffusion: the tri-modal masked-diffusion "
-                           "demo (megafusion/demo/masked/run.py; default --out out/demo_masked, --minutes 8)")
+                           "demo (megafusion/demo/masked/run.py; default --out out/demo_masked, --minutes 10)")
     from megafusion.planning.cli import add_arguments as plan_arguments
 
     plan_arguments(sub.add_parser("plan", help="parameters, per-GPU memory, FLOPs and wall-clock on N GPUs"))
@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.family == "masked_diffusion":
                 from megafusion.demo.masked.run import MaskedDemo
 
-                minutes = 8.0 if args.minutes is None else args.minutes
+                minutes = 10.0 if args.minutes is None else args.minutes
                 MaskedDemo(args.out or "out/demo_masked", minutes, args.seed).run()
             else:
                 minutes = 15.0 if args.minutes is None else args.minutes

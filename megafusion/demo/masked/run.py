@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Dict, List, Optional
@@ -28,10 +29,12 @@ import numpy as np
 from megafusion.demo.pipeline import ROOT, StageFailed, run_stage
 
 RESERVE_MINUTES = 2.0  # corpus, tokenizer, preprocessing, the processes' start-up, generation, scoring
-STEPS_PER_MINUTE = 110.0  # configs/masked_diffusion_demo.yaml (batch 32 x 128) on 2 shared CPU cores
+STEPS_PER_MINUTE = 150.0  # configs/masked_diffusion_demo.yaml (batch 32 x 128) on 2 CPU cores: 1200 steps took 6.5 min
 MIN_TRAIN_STEPS = 10
 TEXT_VOCAB = 256
-IMAGE_TOKENIZER = {"name": "palette", "config": {"resolution": 32, "patch": 4, "levels": 4}}
+# 2 levels per channel: the world's six colours and its backgrounds map to 8 distinct codes, and a 4x4 patch is
+# either object or background (4 levels give 64 codes with blended edges: after 1200 steps no object came out)
+IMAGE_TOKENIZER = {"name": "palette", "config": {"resolution": 32, "patch": 4, "levels": 2}}
 AUDIO_RATE = 1000
 AUDIO_TOKENIZER = {"name": "mulaw", "config": {"sample_rate": AUDIO_RATE, "levels": 32, "hop": 1}}
 SEQ_LENGTH = 128
@@ -48,14 +51,15 @@ def training_plan(minutes: float) -> tuple:
 
 
 class MaskedDemo:
-    def __init__(self, out: str, minutes: float = 8.0, seed: int = 0, scale: float = 1.0, eval_images: int = 48,
-                 audio_per_class: int = 4, image_cfg: float = 2.0, audio_cfg: float = 1.0, order: str = "confidence",
+    def __init__(self, out: str, minutes: float = 10.0, seed: int = 0, scale: float = 1.0, eval_images: int = 48,
+                 audio_per_class: int = 4, image_cfg: float = 4.0, audio_cfg: float = 2.0, order: str = "confidence",
+                 image_steps: int = 64,
                  train_steps: Optional[int] = None, train_overrides: Optional[List[str]] = None,
                  text_samples: int = 4):
         self.out = os.path.abspath(out)
         self.minutes, self.seed, self.scale = minutes, seed, scale
         self.eval_images, self.audio_per_class, self.text_samples = eval_images, audio_per_class, text_samples
-        self.image_cfg, self.audio_cfg, self.order = image_cfg, audio_cfg, order
+        self.image_cfg, self.audio_cfg, self.order, self.image_steps = image_cfg, audio_cfg, order, image_steps
         planned, self.train_minutes = training_plan(minutes)
         self.train_steps = int(train_steps) if train_steps else planned
         self.train_overrides = list(train_overrides or [])
@@ -69,8 +73,9 @@ class MaskedDemo:
     def plan(self) -> List[tuple]:
         py, d = self.python, self.path
         warmup = min(30, max(1, self.train_steps // 10))
+        # temperature 1: greedy candidates (0) reveal the background everywhere (blank images at 660 steps)
         gen = [py, "-m", "megafusion.cli", "generate", "--checkpoint", d("run"), "--no-progress", "--order",
-               self.order]
+               self.order, "--temperature", "1"]
         return [
             ("corpus", [py, "-m", "megafusion.demo.masked.corpus", "--out", d("corpus"), "--seed", str(self.seed),
                         "--scale", str(self.scale), "--audio-rate", str(AUDIO_RATE), "--eval-images",
@@ -89,12 +94,12 @@ class MaskedDemo:
                        *self.train_overrides]),
             ("generate text->image", [*gen, "--prompts", d("corpus", "eval", "text_to_image.jsonl"), "--out",
                                       d("generated", "text_to_image"), "--cfg-scale", str(self.image_cfg),
-                                      "--batch-size", "16"]),
+                                      "--steps", str(self.image_steps), "--batch-size", "16"]),
             ("generate text->audio", [*gen, "--prompts", d("corpus", "eval", "audio.jsonl"), "--out",
                                       d("generated", "audio"), "--cfg-scale", str(self.audio_cfg), "--batch-size",
                                       "20"]),
             ("generate text", [*gen, "--prompts", self._text_prompts(), "--out", d("generated", "text"),
-                               "--batch-size", "8", "--temperature", "0.8", "--block-length", "8"]),
+                               "--batch-size", "8", "--block-length", "8"]),
         ]
 
     def _text_prompts(self) -> str:
@@ -114,8 +119,8 @@ class MaskedDemo:
                     for i in range(self.text_samples):
                         f.write(json.dumps({"id": f"text-{i}", "generate": "text", "tokens": 24,
                                             "seed": 3000 + i}) + "\n")
-            shown = " ".join(command).replace(f"{self.python} -m megafusion.cli", "megafusion").replace(
-                self.python, "python")
+            shown = " ".join(shlex.quote(a) for a in command).replace(
+                f"{shlex.quote(self.python)} -m megafusion.cli", "megafusion").replace(shlex.quote(self.python), "python")
             print(f"[demo masked {index}/{len(plan)}] {name}: {shown}", flush=True)
             t0 = time.monotonic()
             rc, stopped = run_stage(command, env)
@@ -289,20 +294,22 @@ def write_report(out: str, metrics: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/demo_masked")
-    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--train-steps", type=int, default=None)
-    p.add_argument("--image-cfg", type=float, default=2.0)
-    p.add_argument("--audio-cfg", type=float, default=1.0)
+    p.add_argument("--image-cfg", type=float, default=4.0)
+    p.add_argument("--audio-cfg", type=float, default=2.0)
     p.add_argument("--order", choices=("confidence", "random"), default="confidence")
+    p.add_argument("--image-steps", type=int, default=64)
     p.add_argument("--eval-images", type=int, default=48)
     p.add_argument("--audio-per-class", type=int, default=4)
     p.add_argument("overrides", nargs="*", help="training dotlist overrides")
     a = p.parse_args(argv)
     try:
-        MaskedDemo(a.out, a.minutes, a.seed, a.scale, a.eval_images, a.audio_per_class, a.image_cfg, a.audio_cfg,
-                   a.order, a.train_steps, a.overrides).run()
+        MaskedDemo(a.out, a.minutes, a.seed, a.scale, eval_images=a.eval_images, audio_per_class=a.audio_per_class,
+                   image_cfg=a.image_cfg, audio_cfg=a.audio_cfg, order=a.order, image_steps=a.image_steps,
+                   train_steps=a.train_steps, train_overrides=a.overrides).run()
     except (StageFailed, ValueError) as exc:
         print(f"megafusion demo: {exc}", file=sys.stderr)
         return 1
