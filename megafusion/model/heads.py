@@ -23,8 +23,11 @@ from megafusion.model.embeddings import latent_rows, make_linear
 
 
 def build_lm_head(config, vocab_size: int, skip_weight: bool, tp_group=None) -> tensor_parallel.ColumnParallelLinear:
-    """ColumnParallelLinear h -> vocab_size (padded); `skip_weight` when tied to the embedding on this stage."""
-    return tensor_parallel.ColumnParallelLinear(
+    """ColumnParallelLinear h -> vocab_size (padded); `skip_weight` when tied to the embedding on this stage (with
+    megafusion's generation fast path: megafusion/model/inference_linear.py)."""
+    from megafusion.model.inference_linear import InferenceColumnParallelLinear
+
+    return InferenceColumnParallelLinear(
         config.hidden_size,
         vocab_size,
         config=config,

@@ -37,12 +37,18 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from megafusion.model.inference_linear import InferenceColumnParallelLinear, InferenceRowParallelLinear
 from megafusion.model.attention.core_attention import HybridCoreAttention
 from megafusion.model.modality_attention import ModalityLinear, ModalityNorm
 from megafusion.model.modality_mlp import ModalityMLP, ModalityMLPSubmodules
 from megafusion.model.moe import get_moe_spec
 from megafusion.model.norm import LocalNorm
 from megafusion.model.transformer_layer import MultimodalSelfAttention, MultimodalTransformerLayer
+
+
+def _subclass_of(megatron_cls, ours):
+    """`ours` where megatron's spec provider names the class it subclasses (else megatron's own, unchanged)."""
+    return ours if issubclass(ours, megatron_cls) else megatron_cls
 
 
 class _Backend:
@@ -75,9 +81,10 @@ class _Backend:
         else:
             local = LocalSpecProvider()
             self.norm = LocalNorm
-            self.column = local.column_parallel_linear()
+            # megatron's local linears with a generation fast path (megafusion/model/inference_linear.py)
+            self.column = _subclass_of(local.column_parallel_linear(), InferenceColumnParallelLinear)
             self.norm_column = None
-            self.row = local.row_parallel_linear()
+            self.row = _subclass_of(local.row_parallel_linear(), InferenceRowParallelLinear)
 
 
 def get_mlp_spec(config, use_te: bool, fuse_norm: bool = False) -> ModuleSpec:
