@@ -70,13 +70,14 @@ def run_stage(command: List[str], env: dict) -> tuple:
             signal.signal(sig, handler)
 
 
-def training_plan(minutes: float) -> tuple:
-    """(train_steps, training minutes) for a total budget of `minutes`."""
-    if minutes <= STAGE_RESERVE_MINUTES:
+def training_plan(minutes: float, reserve: float = STAGE_RESERVE_MINUTES, steps_per_minute: float = STEPS_PER_MINUTE,
+                  min_steps: int = MIN_TRAIN_STEPS) -> tuple:
+    """(train_steps, training minutes) for a total budget of `minutes`, `reserve` of them for the other stages."""
+    if minutes <= reserve:
         raise ValueError(f"--minutes {minutes} leaves no time to train: the other stages need about "
-                         f"{STAGE_RESERVE_MINUTES} minutes; give more than that")
-    train_minutes = minutes - STAGE_RESERVE_MINUTES
-    return max(MIN_TRAIN_STEPS, int(STEPS_PER_MINUTE * train_minutes)), train_minutes
+                         f"{reserve} minutes; give more than that")
+    train_minutes = minutes - reserve
+    return max(min_steps, int(steps_per_minute * train_minutes)), train_minutes
 
 
 class Pipeline:

@@ -40,6 +40,16 @@ def run_train(tmp_path, name, overrides, world_size=1):
         return json.load(f)
 
 
+def assert_same(reference, candidate, keys, rel=1e-5):
+    """Per-step records of two runs agree on `keys` (three steps each)."""
+    import pytest
+
+    assert len(reference) == len(candidate) == 3
+    for ref, got in zip(reference, candidate):
+        for key in keys:
+            assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-7), (key, ref["step"], ref[key], got[key])
+
+
 def seed_checkpoint(tmp_path, overrides=()):
     """Write the initial weights once (single process) and return the folder to load them from."""
     save_dir = os.path.join(str(tmp_path), "seed")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loop_harness import run_train, seed_checkpoint
+from loop_harness import assert_same, run_train, seed_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -46,10 +46,7 @@ def moe_options_reference(tmp_path_factory):
 
 
 def _assert_same(reference, candidate, keys=KEYS, rel=1e-5):
-    assert len(reference) == len(candidate) == 3
-    for ref, got in zip(reference, candidate):
-        for key in keys:
-            assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-7), (key, ref["step"], ref[key], got[key])
+    assert_same(reference, candidate, keys, rel)
 
 
 def test_single_process_loss_moves(reference):

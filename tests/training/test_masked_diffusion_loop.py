@@ -3,7 +3,7 @@ same generated tri-modal rows and weights, and a resumed run repeats the uninter
 
 import pytest
 
-from loop_harness import run_train, seed_checkpoint
+from loop_harness import assert_same, run_train, seed_checkpoint
 from megafusion.discrete.vocab import UnifiedVocab
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -38,10 +38,7 @@ def tp2_run(reference):
 
 
 def _assert_same(reference, candidate, keys=KEYS, rel=1e-5):
-    assert len(reference) == len(candidate) == 3
-    for ref, got in zip(reference, candidate):
-        for key in keys:
-            assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-7), (key, ref["step"], ref[key], got[key])
+    assert_same(reference, candidate, keys, rel)
 
 
 def test_single_process_logs_every_modality_and_learns(reference):

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from megafusion.demo.pipeline import ROOT, StageFailed, run_stage
+from megafusion.demo.pipeline import training_plan as pipeline_training_plan
 
 RESERVE_MINUTES = 2.0  # corpus, tokenizer, preprocessing, the processes' start-up, generation, scoring
 STEPS_PER_MINUTE = 150.0  # configs/masked_diffusion_demo.yaml (batch 32 x 128) on 2 CPU cores: 1200 steps took 6.5 min
@@ -43,11 +44,7 @@ LOSS_KEYS = ("loss", "loss_text", "loss_image", "loss_audio")
 
 
 def training_plan(minutes: float) -> tuple:
-    if minutes <= RESERVE_MINUTES:
-        raise ValueError(f"--minutes {minutes} leaves no time to train: the other stages need about "
-                         f"{RESERVE_MINUTES} minutes")
-    train_minutes = minutes - RESERVE_MINUTES
-    return max(MIN_TRAIN_STEPS, int(STEPS_PER_MINUTE * train_minutes)), train_minutes
+    return pipeline_training_plan(minutes, RESERVE_MINUTES, STEPS_PER_MINUTE, MIN_TRAIN_STEPS)
 
 
 class MaskedDemo:
