@@ -49,7 +49,9 @@ def test_single_process_logs_every_modality_and_learns(reference):
         # 4 rows x 2 copies per micro-batch: over a step the generated rows hold text and at least one media kind
         assert "loss_text" in r and ("loss_image" in r or "loss_audio" in r)
         assert "loss_fm" not in r
-        assert r["moe_aux_loss_image"] > 0 and r["moe_aux_loss_audio"] >= 0 and "moe_aux_loss_text" not in r
+        assert r["moe_aux_loss_image"] >= 0 and r["moe_aux_loss_audio"] >= 0 and "moe_aux_loss_text" not in r
+    # the image and audio experts balance whenever a step holds their codes (a step may hold only one kind)
+    assert any(r["moe_aux_loss_image"] > 0 for r in single) and any(r["moe_aux_loss_audio"] > 0 for r in single)
 
 
 def test_tensor_parallel_matches_single_process(reference, tp2_run):
