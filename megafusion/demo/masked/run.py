@@ -2,8 +2,8 @@
 
     1 corpus      python -m megafusion.demo.masked.corpus      text / image_text / audio_text records + eval prompts
     2 tokenizer   tools/train_tokenizer.py                      SentencePiece (256 pieces) on the records' text
-    3 preprocess  tools/preprocess_data.py --family masked_diffusion   palette images (32x32, 4x4 patches, 4 levels:
-                                                                 64 codes of 64) and mu-law audio (1000 Hz, 32 levels)
+    3 preprocess  tools/preprocess_data.py --family masked_diffusion   palette images (32x32, 4x4 patches, 2 levels:
+                                                                 64 codes of 8) and mu-law audio (1000 Hz, 32 levels)
     4 train       megafusion train --config configs/masked_diffusion_demo.yaml
     5 generate    megafusion generate (text->image, text->audio, unconditional text)
     6 score       (in this process) the mini-GenEval checker on the decoded PNGs, the FFT tone classifier on the
