@@ -62,6 +62,7 @@ def test_tiny_end_to_end_run_writes_the_report(tmp_path):
     for key in ("color", "shape", "position", "object"):
         assert {"accuracy", "chance", "palette_ceiling", "n"} <= set(metrics["text_to_image"][key])
         assert metrics["text_to_image"][key]["n"] == 3
+    assert metrics["text_to_image_probe"]["colour"]["n"] == 3 and "Sampler-free probe" in open(report).read()
     assert metrics["text_to_audio"]["tone_class"]["n"] == len(tones.CLASSES)
     assert metrics["trained_steps"] == 4
     assert [s["returncode"] for s in metrics["stages"]] == [0] * len(metrics["stages"])

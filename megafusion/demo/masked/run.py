@@ -5,8 +5,9 @@
     3 preprocess  tools/preprocess_data.py --family masked_diffusion   palette images (32x32, 4x4 patches, 2 levels:
                                                                  64 codes of 8) and mu-law audio (1000 Hz, 32 levels)
     4 train       megafusion train --config configs/masked_diffusion_demo.yaml
-    5 generate    megafusion generate (text->image, text->audio, unconditional text)
-    6 score       (in this process) the mini-GenEval checker on the decoded PNGs, the FFT tone classifier on the
+    5 probe       python -m megafusion.demo.masked.probe: text->image conditioning without the sampler
+    6 generate    megafusion generate (text->image, text->audio, unconditional text)
+    7 score       (in this process) the mini-GenEval checker on the decoded PNGs, the FFT tone classifier on the
                   WAVs, per-modality losses first vs last -> DIR/report/report.md + metrics.json
 
 The budget (--minutes, default 8) gives training all but RESERVE_MINUTES, as a step count from the reference
@@ -89,6 +90,9 @@ class MaskedDemo:
                        f"training.train_steps={self.train_steps}", f"optimizer.warmup_steps={warmup}",
                        f"training.exit_duration_minutes={self.train_minutes:.2f}", f"training.seed={self.seed}",
                        *self.train_overrides]),
+            ("probe", [py, "-m", "megafusion.demo.masked.probe", "--checkpoint", d("run"), "--prompts",
+                       d("corpus", "eval", "text_to_image.jsonl"), "--truth", d("corpus", "eval", "truth.json"),
+                       "--out", d("report", "probe.json")]),
             ("generate text->image", [*gen, "--prompts", d("corpus", "eval", "text_to_image.jsonl"), "--out",
                                       d("generated", "text_to_image"), "--cfg-scale", str(self.image_cfg),
                                       "--steps", str(self.image_steps), "--batch-size", "16"]),
@@ -238,6 +242,10 @@ def score(out: str) -> dict:
     metrics = {"losses": loss_summary(os.path.join(out, "run", "metrics.jsonl")),
                "text_to_image": score_images(os.path.join(out, "generated", "text_to_image"), truth),
                "text_to_audio": score_audio(os.path.join(out, "generated", "audio"), truth)}
+    probe = os.path.join(out, "report", "probe.json")
+    if os.path.exists(probe):
+        with open(probe) as f:
+            metrics["text_to_image_probe"] = json.load(f)
     text_results = os.path.join(out, "generated", "text", "results.json")
     if os.path.exists(text_results):
         with open(text_results) as f:
@@ -273,6 +281,11 @@ def write_report(out: str, metrics: dict) -> None:
     for key, v in metrics["text_to_image"].items():
         lines.append(f"| {key} | {_fmt(v['accuracy'])} | {_fmt(v['chance'])} | {_fmt(v['palette_ceiling'])} | "
                      f"{v['n']} |")
+    if metrics.get("text_to_image_probe"):
+        c, q = metrics["text_to_image_probe"]["colour"], metrics["text_to_image_probe"]["position"]
+        lines += ["", f"Sampler-free probe (caption clean, image fully masked, one forward; "
+                      f"megafusion/demo/masked/probe.py): colour {_fmt(c['accuracy'])} vs chance {_fmt(c['chance'])}, "
+                      f"object-patch overlap {_fmt(q['overlap'])} vs chance {_fmt(q['chance'])} (n={c['n']})."]
     a = metrics["text_to_audio"]["tone_class"]
     lines += ["", "## Text -> audio (FFT tone class: low / medium / high / rising / falling)", "",
               f"accuracy {_fmt(a['accuracy'])} vs chance {_fmt(a['chance'])} (mu-law ceiling "
