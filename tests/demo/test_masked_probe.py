@@ -67,3 +67,26 @@ def test_mismatched_inputs_are_refused(setup):
     vocab, palette, scenes, captions = setup
     with pytest.raises(ValueError, match="one caption per scene"):
         conditioning_probe(lambda rows: None, vocab, captions[:1], scenes, palette)
+
+
+def test_bad_prompt_files_name_the_line(tmp_path):
+    from megafusion.demo.masked.probe import _read_prompts
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": "a", "text": "a red square", "generate": "image"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not a JSON object"):
+        _read_prompts(str(bad))
+    bad.write_text('{"id": 3, "text": "a red square", "generate": "image"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: an image prompt needs string fields"):
+        _read_prompts(str(bad))
+    bad.write_text('{"id": "t", "generate": "text"}\n')
+    with pytest.raises(ValueError, match="no prompts with"):
+        _read_prompts(str(bad))
+
+
+def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    from megafusion.demo.masked.probe import main
+
+    rc = main(["--checkpoint", str(tmp_path / "nope"), "--prompts", "p.jsonl", "--truth", "t.json", "--out",
+               str(tmp_path / "o.json")])
+    assert rc == 2 and "no such folder" in capsys.readouterr().err and not (tmp_path / "o.json").exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
@@ -75,9 +76,23 @@ def conditioning_probe(forward: Callable, vocab, captions: Sequence[Sequence[int
 
 
 def _read_prompts(path: str) -> List[dict]:
+    """The text->image prompts of a JSONL file (other kinds are skipped); bad lines name file and line."""
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r.get("generate") == "image"]
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg}); one prompt per line") from None
+            if row.get("generate") == "image":
+                if not isinstance(row.get("id"), str) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{n}: an image prompt needs string fields \"id\" and \"text\"")
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompts with \"generate\": \"image\"")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -93,22 +108,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the one the data names)")
     a = p.parse_args(argv)
-    folder = find_checkpoint(a.checkpoint)
-    cfg = generation_config(folder / "config.yaml", 1, "fp32")
-    text_tok, image_tok, _ = _tokenizers(cfg, read_manifest(cfg, folder), a.tokenizer)
-    if text_tok is None or image_tok is None:
-        raise SystemExit(f"{a.checkpoint}: the probe needs the run's text and image tokenizers (pass --tokenizer)")
-    with open(a.truth) as f:
-        truth = json.load(f)
-    prompts = _read_prompts(a.prompts)
-    missing = [r["id"] for r in prompts if r["id"] not in truth]
-    if missing:
-        raise SystemExit(f"{a.truth}: no scene for prompt ids {missing[:5]}")
+    try:
+        folder = find_checkpoint(a.checkpoint)
+        cfg = generation_config(folder / "config.yaml", 1, "fp32")
+        text_tok, image_tok, _ = _tokenizers(cfg, read_manifest(cfg, folder), a.tokenizer)
+        if text_tok is None or image_tok is None:
+            raise ValueError(f"{a.checkpoint}: the probe needs the run's text and image tokenizers (the data's "
+                             f"manifest names them; else pass --tokenizer)")
+        prompts = _read_prompts(a.prompts)
+        with open(a.truth) as f:
+            truth = json.load(f)
+        missing = [r["id"] for r in prompts if r["id"] not in truth]
+        if missing:
+            raise ValueError(f"{a.truth}: no scene for prompt ids {missing[:5]}")
+        scenes = [Scene.from_dict(truth[r["id"]]) for r in prompts]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # CheckpointNotFoundError is a FileNotFoundError
+        print(f"megafusion.demo.masked.probe: {exc}", file=sys.stderr)
+        return 2
     model, step, device = load_model(folder, cfg)
     vocab = vocab_from_config(cfg.objective.masked_diffusion)
     sampler = MaskedSampler(model, vocab, device=device)
     result = conditioning_probe(sampler.forward, vocab, [list(text_tok.sp.encode(r["text"])) for r in prompts],
-                                [Scene.from_dict(truth[r["id"]]) for r in prompts], image_tok)
+                                scenes, image_tok)
     result["step"] = step
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out + ".tmp", "w") as f:
